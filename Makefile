@@ -1,0 +1,49 @@
+# Two entry points on a fresh Debian machine: `make demo` and `make test`.
+# Each one installs what is missing (system packages, then a venv) and is
+# quick when everything is already there.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PACKAGES := libcap-dev libseccomp2 qemu-system-x86 qemu-system-common qemu-utils \
+                busybox-static cpio zstd xz-utils kmod
+PYTEST_FLAGS ?=
+
+.PHONY: all setup system-packages demo test e2e bench clean
+
+all: test
+
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	    dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	    echo "installing system packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(MAKE) system-packages
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: system-packages $(STAMP)
+
+demo: setup
+	$(PY) -m supervisor.demo
+
+test: setup
+	$(PY) -m pytest $(PYTEST_FLAGS)
+
+e2e: setup
+	$(PY) -m pytest tests/e2e $(PYTEST_FLAGS)
+
+bench: setup
+	$(PY) -m benchmarks.block
+	$(PY) -m benchmarks.supervisor
+
+clean:
+	rm -rf $(VENV) .cache build *.egg-info
