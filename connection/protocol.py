@@ -287,6 +287,13 @@ def check_payload_size(request: int, size: int) -> None:
 # --------------------------------------------------------------------------
 # Codecs
 
+def _check_len(what: str, payload: bytes, size: int, at_least: bool = False) -> None:
+    """ProtocolError (not struct.error) for a payload of the wrong size, so a
+    decoder called on unchecked bytes still fails with a typed error."""
+    if len(payload) < size or (not at_least and len(payload) != size):
+        raise ProtocolError(f"{what}: payload size {len(payload)}, expected {'at least ' if at_least else ''}{size}")
+
+
 def decode_u64(request: int, payload: bytes) -> int:
     if len(payload) != U64.size:
         raise ProtocolError(f"{request_name(request)}: payload size {len(payload)}, expected 8")
@@ -298,6 +305,7 @@ def encode_u64(value: int) -> bytes:
 
 
 def decode_vring_state(payload: bytes) -> VringState:
+    _check_len("vring state", payload, VRING_STATE.size)
     return VringState(*VRING_STATE.unpack(payload))
 
 
@@ -306,6 +314,7 @@ def encode_vring_state(index: int, num: int) -> bytes:
 
 
 def decode_vring_addr(payload: bytes) -> VringAddr:
+    _check_len("vring address", payload, VRING_ADDR.size)
     return VringAddr(*VRING_ADDR.unpack(payload))
 
 
@@ -314,6 +323,7 @@ def encode_vring_addr(addr: VringAddr) -> bytes:
 
 
 def decode_mem_table(payload: bytes) -> list[MemoryRegion]:
+    _check_len("SET_MEM_TABLE", payload, MEM_TABLE_HEADER.size, at_least=True)
     nregions, _padding = MEM_TABLE_HEADER.unpack_from(payload)
     expected = MEM_TABLE_HEADER.size + nregions * MEM_REGION.size
     if nregions > MAX_TABLE_REGIONS or len(payload) != expected:
@@ -327,6 +337,7 @@ def encode_mem_table(regions: list[MemoryRegion]) -> bytes:
 
 
 def decode_single_region(payload: bytes) -> MemoryRegion:
+    _check_len("single memory region", payload, SINGLE_REGION.size)
     return MemoryRegion(*SINGLE_REGION.unpack(payload)[1:])
 
 
@@ -335,6 +346,7 @@ def encode_single_region(region: MemoryRegion) -> bytes:
 
 
 def decode_inflight(payload: bytes) -> InflightInfo:
+    _check_len("inflight", payload, INFLIGHT.size)
     return InflightInfo(*INFLIGHT.unpack(payload))
 
 
@@ -343,6 +355,7 @@ def encode_inflight(info: InflightInfo) -> bytes:
 
 
 def decode_config(request: int, payload: bytes) -> ConfigAccess:
+    _check_len(request_name(request), payload, CONFIG_HEADER.size, at_least=True)
     offset, size, flags = CONFIG_HEADER.unpack_from(payload)
     data = bytes(payload[CONFIG_HEADER.size:])
     if size > MAX_CONFIG_SIZE or len(data) != size:

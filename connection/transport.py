@@ -43,9 +43,11 @@ def _fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 def _close_all(fds: list[int]) -> None:
-    for fd in fds:
+    """Close and forget ``fds`` (emptied in place, so a second call on the
+    same list can never close a number the process has reused since)."""
+    while fds:
         try:
-            os.close(fd)
+            os.close(fds.pop())
         except OSError:
             pass
 
@@ -61,7 +63,7 @@ def _parse_header(data: bytes, fds: list[int], expect_reply: bool | None) -> tup
                                 f"expected {expect_reply}")
         if size > MAX_PAYLOAD:
             raise ProtocolError(f"{request_name(request)}: payload size {size} exceeds cap {MAX_PAYLOAD}")
-        if not expect_reply:
+        if expect_reply is False:   # None: a request or a reply, not size-checked as a request
             check_payload_size(request, size)
     except ProtocolError:
         _close_all(fds)
@@ -104,20 +106,22 @@ class MessageSocket:
         if not data:
             _close_all(fds)
             raise ConnectionClosed("peer closed the connection")
-        while len(data) < HEADER_SIZE:
-            more = self.sock.recv(HEADER_SIZE - len(data))
-            if not more:
-                _close_all(fds)
-                raise ConnectionClosed("peer closed the connection inside a header")
-            data += more
-        request, flags, size = _parse_header(data, fds, expect_reply)
-        payload = b""
-        while len(payload) < size:
-            more = self.sock.recv(size - len(payload))
-            if not more:
-                _close_all(fds)
-                raise ConnectionClosed(f"{request_name(request)}: peer closed the connection inside the payload")
-            payload += more
+        try:
+            while len(data) < HEADER_SIZE:
+                more = self.sock.recv(HEADER_SIZE - len(data))
+                if not more:
+                    raise ConnectionClosed("peer closed the connection inside a header")
+                data += more
+            request, flags, size = _parse_header(data, fds, expect_reply)
+            payload = b""
+            while len(payload) < size:
+                more = self.sock.recv(size - len(payload))
+                if not more:
+                    raise ConnectionClosed(f"{request_name(request)}: peer closed the connection inside the payload")
+                payload += more
+        except BaseException:   # also a socket error or timeout: the fds are ours to close
+            _close_all(fds)
+            raise
         return Message(request, flags, payload, fds)
 
     def close(self) -> None:
@@ -175,7 +179,7 @@ class AsyncMessageSocket:
                 data += await self._recv_exact(HEADER_SIZE - len(data), "a header")
             request, flags, size = _parse_header(data, fds, expect_reply=False)
             payload = await self._recv_exact(size, f"the {request_name(request)} payload") if size else b""
-        except ConnectionClosed:
+        except BaseException:   # EOF, a reset, or cancellation mid-message: fds are ours
             _close_all(fds)
             raise
         return Message(request, flags, payload, fds)

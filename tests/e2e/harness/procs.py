@@ -61,6 +61,12 @@ def stop(proc: subprocess.Popen, grace: float = 3.0) -> int | None:
     return proc.returncode
 
 
+def kill_pid(pid: int) -> None:
+    """SIGKILL one process by pid (a device child we did not start: the supervisor reaps it)."""
+    os.kill(pid, signal.SIGKILL)
+    log.info("SIGKILL pid=%d", pid)
+
+
 def reap_all() -> list[int]:
     """End every process still registered; returns the pids that had to be stopped."""
     stopped = []

@@ -28,6 +28,7 @@ RESULT_RE = re.compile(r"E2E-RESULT (\w+)=(.*)$")
 DONE_RE = re.compile(r"E2E-DONE rc=(-?\d+)")
 BOOTED_RE = re.compile(r"E2E-BOOTED uptime=([\d.]+)")
 ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1bc|\x00|\r")
+BOOT_TIMEOUT = float(os.environ.get("E2E_BOOT_TIMEOUT", "30"))
 KERNEL_CMDLINE = "console=ttyS0 panic=-1 loglevel=4 rdinit=/init tsc=reliable no_timer_check"
 
 
@@ -45,6 +46,12 @@ class GuestResult:
     booted_after: float | None  # host seconds from QEMU start to E2E-BOOTED
     duration: float  # host seconds from QEMU start to exit
     guest_uptime_at_boot: float | None
+
+    def sub(self, prefix: str) -> "GuestResult":
+        """The results of one part of a combined script, with its key prefix removed."""
+        picked = {k[len(prefix) :]: v for k, v in self.results.items() if k.startswith(prefix)}
+        picked.setdefault("io_errors", self.results.get("io_errors", "0"))
+        return dataclasses.replace(self, results=picked)
 
     def int(self, key: str) -> int:
         if key not in self.results:
@@ -107,6 +114,9 @@ class Qemu:
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
         self.extra_logs: list[Callable[[], str]] = []
+        # Each watcher returns a reason to give up now (e.g. the back-end is crash-looping),
+        # so a broken back-end fails the case in a second instead of at the timeout.
+        self.watchers: list[Callable[[], str | None]] = []
 
     # --- devices ------------------------------------------------------------------
 
@@ -181,19 +191,51 @@ class Qemu:
                 raise self.failure(f"QEMU exited before the console showed {pattern!r}")
             if time.monotonic() > deadline:
                 raise self.failure(f"console did not show {pattern!r} within {timeout:.0f}s")
+            self._check_watchers()
             time.sleep(0.05)
 
-    def wait(self, timeout: float) -> GuestResult:
-        """Wait for QEMU to exit (the guest powers off), then parse the console."""
+    def attach(self, backend: object) -> None:
+        """Show `backend`'s log on failure and, if it has `watch()`, give up when it fails."""
+        log_tail = getattr(backend, "log_tail", None)
+        if log_tail is not None:
+            self.extra_logs.append(log_tail)
+        watch = getattr(backend, "watch", None)
+        if watch is not None:
+            self.watchers.append(watch)
+
+    def _check_watchers(self) -> None:
+        if self.watchers and "E2E-DONE" in self.console():
+            return  # the guest is done; back-ends may go as QEMU shuts down
+        for watch in self.watchers:
+            why = watch()
+            if why:
+                self.stop()
+                raise self.failure(f"gave up early: {why}")
+
+    def wait(self, timeout: float, boot_timeout: float = BOOT_TIMEOUT) -> GuestResult:
+        """Wait for QEMU to exit (the guest powers off), then parse the console.
+
+        QEMU does not start the guest until every vhost-user back-end has answered its
+        first requests, so a back-end that accepts nothing shows up as no boot at all.
+        """
         assert self.proc is not None, "start() first"
         booted_at = None
         deadline = self.started_at + timeout
         while self.proc.poll() is None:
-            if booted_at is None and "E2E-BOOTED" in self.console():
-                booted_at = time.monotonic() - self.started_at
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if booted_at is None:
+                if "E2E-BOOTED" in self.console():
+                    booted_at = now - self.started_at
+                elif now - self.started_at > boot_timeout:
+                    self.stop()
+                    raise self.failure(
+                        f"guest did not reach /init within {boot_timeout:.0f}s; QEMU waits for every "
+                        "vhost-user back-end to answer before it boots, so check the back-end logs"
+                    )
+            if now > deadline:
                 self.stop()
                 raise self.failure(f"guest did not power off within {timeout:.0f}s (QEMU killed)")
+            self._check_watchers()
             time.sleep(0.05)
         duration = time.monotonic() - self.started_at
         procs.stop(self.proc)

@@ -1,0 +1,291 @@
+"""Inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD), split rings.
+
+A device that completes requests out of order cannot tell, after a crash,
+which requests were in flight from the avail and used rings alone.  So the
+back-end keeps a shared buffer (``GET_INFLIGHT_FD`` creates it, the front-end
+keeps it across back-end restarts and hands it back with ``SET_INFLIGHT_FD``)
+that says, per head descriptor, whether it is in flight and in which order it
+was fetched.
+
+Layout (the back-end allocates the buffer, so the back-end defines it)::
+
+    buffer      = queue 0 region | queue 1 region | ...
+    stride      = ALIGN_UP(16 * queue_size + 16, 64)      # bytes per queue
+    queue region:
+      header (16 bytes): u64 features (0); u16 version (1, 0 = fresh);
+                         u16 desc_num; u16 last_batch_head; u16 used_idx
+      desc[desc_num] (16 bytes each, indexed by head):
+                         u8 inflight; u8 pad[5]; u16 next; u64 counter
+
+(libvhost-user writes ``16 * queue_size + 2``; no multiple of 64 lies
+between the two sums, so both give the same stride for every queue size.)
+
+Maintenance follows the spec: fetch sets ``counter`` then ``inflight = 1``;
+a completed batch first links its heads through ``next`` from
+``last_batch_head`` (``link_batch``), then the used index is published in
+the ring, then ``inflight = 0`` for each head and ``used_idx`` is updated
+(``commit_batch``).  A crash between publishing and committing is repaired by
+``recover``: it clears the ``ring used idx - used_idx`` entries of the last
+batch.  Numbers are native (little-endian) like the rest of vhost-user.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import mmap
+import os
+
+from .errors import ProtocolError
+from .protocol import InflightInfo
+
+log = logging.getLogger("vhost.inflight")
+
+INFLIGHT_ALIGNMENT = 64
+HEADER_SIZE = 16
+DESC_SIZE = 16
+VERSION = 1
+MAX_QUEUE_SIZE = 32768
+MAX_QUEUES = 256  # the u8 vring index of vhost-user
+
+
+def queue_stride(queue_size: int) -> int:
+    """Bytes per queue region: ``ALIGN_UP(16 * queue_size + 16, 64)``."""
+    return (DESC_SIZE * queue_size + HEADER_SIZE + INFLIGHT_ALIGNMENT - 1) & ~(INFLIGHT_ALIGNMENT - 1)
+
+
+def _check_geometry(num_queues: int, queue_size: int) -> None:
+    if not 1 <= num_queues <= MAX_QUEUES:
+        raise ProtocolError(f"inflight: num_queues {num_queues} outside [1, {MAX_QUEUES}]")
+    if not 1 <= queue_size <= MAX_QUEUE_SIZE:
+        raise ProtocolError(f"inflight: queue_size {queue_size} outside [1, {MAX_QUEUE_SIZE}]")
+
+
+class InflightQueue:
+    """One queue's region of the inflight buffer.
+
+    Field access goes through casts of one view: ``_b`` (bytes), ``_h``
+    (u16) and ``_q`` (u64), so each update is one index store.
+    """
+
+    __slots__ = ("index", "capacity", "counter", "_b", "_h", "_q")
+
+    def __init__(self, index: int, view: memoryview, capacity: int) -> None:
+        self.index = index
+        #: Descriptor slots in this region (the region's queue_size).
+        self.capacity = capacity
+        #: Next fetch counter.
+        self.counter = 0
+        self._b = view
+        self._h = view.cast("H")
+        self._q = view.cast("Q")
+
+    # header fields, for the handler and for tests
+    @property
+    def features(self) -> int:
+        return self._q[0]
+
+    @property
+    def version(self) -> int:
+        return self._h[4]
+
+    @property
+    def desc_num(self) -> int:
+        return self._h[5]
+
+    @property
+    def last_batch_head(self) -> int:
+        return self._h[6]
+
+    @property
+    def used_idx(self) -> int:
+        return self._h[7]
+
+    def desc(self, head: int) -> tuple[int, int, int]:
+        """``(inflight, next, counter)`` of one slot (tests, diagnostics)."""
+        return self._b[HEADER_SIZE + DESC_SIZE * head], self._h[11 + 8 * head], self._q[3 + 2 * head]
+
+    def initialise(self, used_idx: int = 0) -> None:
+        """Make the region fresh: zeroed slots, version 1, ``used_idx``."""
+        self._b[:] = bytes(len(self._b))
+        self._h[5] = self.capacity
+        self._h[7] = used_idx & 0xFFFF
+        self._h[4] = VERSION
+        self.counter = 0
+
+    # -- the hot path
+
+    def fetched(self, head: int) -> None:
+        """``head`` was taken from the avail ring: counter, then inflight = 1."""
+        self._q[3 + 2 * head] = self.counter
+        self.counter += 1
+        self._b[HEADER_SIZE + DESC_SIZE * head] = 1
+
+    def link_batch(self, heads: list[int]) -> None:
+        """Step 1 of a completion, before the ring's used idx is published:
+        ``desc[i].next = last_batch_head; last_batch_head = i``."""
+        h = self._h
+        last = h[6]
+        for head in heads:
+            h[11 + 8 * head] = last
+            last = head
+        h[6] = last
+
+    def commit_batch(self, heads: list[int], used_idx: int) -> None:
+        """Steps 3 and 4, after the used idx was published: inflight = 0 for
+        each head, then ``used_idx``."""
+        b = self._b
+        for head in heads:
+            b[HEADER_SIZE + DESC_SIZE * head] = 0
+        self._h[7] = used_idx & 0xFFFF
+
+    def completed(self, heads: list[int], used_idx: int) -> None:
+        """A whole batch at once (link, clear, used_idx).  ``Virtqueue.flush``
+        uses ``link_batch``/``commit_batch`` around its used-idx store so a
+        crash in between is recoverable; this is for callers that publish
+        nothing themselves."""
+        self.link_batch(heads)
+        self.commit_batch(heads, used_idx)
+
+    # -- reconnection
+
+    def recover(self, ring_used_idx: int) -> list[int]:
+        """Repair a half-committed batch and return the heads still in
+        flight, in fetch (counter) order.  A fresh region (version 0) is
+        initialised and yields nothing.  ProtocolError if the region is
+        inconsistent (the front-end handed back something we did not write)."""
+        h = self._h
+        if h[4] == 0:
+            self.initialise(ring_used_idx)
+            return []
+        if h[4] != VERSION:
+            raise ProtocolError(f"inflight queue {self.index}: version {h[4]}, expected {VERSION}")
+        n = h[5]
+        if n != self.capacity:
+            raise ProtocolError(f"inflight queue {self.index}: desc_num {n}, expected {self.capacity}")
+        b = self._b
+        used = h[7]
+        if used != ring_used_idx & 0xFFFF:
+            missing = (ring_used_idx - used) & 0xFFFF
+            if missing > n:
+                raise ProtocolError(f"inflight queue {self.index}: used_idx {used} is {missing} behind "
+                                    f"the ring's used idx {ring_used_idx}, more than desc_num {n}")
+            i = h[6]
+            for _ in range(missing):
+                if i >= n:
+                    raise ProtocolError(f"inflight queue {self.index}: batch link {i} out of range {n}")
+                b[HEADER_SIZE + DESC_SIZE * i] = 0
+                i = h[11 + 8 * i]
+            h[7] = ring_used_idx & 0xFFFF
+        flags = b[HEADER_SIZE:HEADER_SIZE + DESC_SIZE * n:DESC_SIZE].tolist()
+        q = self._q
+        heads = sorted((i for i, f in enumerate(flags) if f == 1), key=lambda i: q[3 + 2 * i])
+        self.counter = q[3 + 2 * heads[-1]] + 1 if heads else 0
+        return heads
+
+    def release(self) -> None:
+        for v in (self._q, self._h, self._b):
+            v.release()
+
+
+class InflightRegion:
+    """The shared buffer of GET/SET_INFLIGHT_FD: ``num_queues`` regions of
+    ``queue_stride(queue_size)`` bytes each, mapped read-write and shared."""
+
+    def __init__(self, fd: int, mm: mmap.mmap, info: InflightInfo) -> None:
+        self.fd = fd
+        self.mmap_size = info.mmap_size
+        self.mmap_offset = info.mmap_offset
+        self.num_queues = info.num_queues
+        self.queue_size = info.queue_size
+        self.stride = queue_stride(info.queue_size)
+        self._mmap = mm
+        self._view = memoryview(mm)
+        self._queues: dict[int, InflightQueue] = {}
+
+    @property
+    def info(self) -> InflightInfo:
+        """What GET_INFLIGHT_FD replies (the fd travels alongside)."""
+        return InflightInfo(self.mmap_size, self.mmap_offset, self.num_queues, self.queue_size)
+
+    @classmethod
+    def create(cls, num_queues: int, queue_size: int) -> "InflightRegion":
+        """A new zeroed buffer in a sealed memfd (it cannot grow or shrink
+        under us, so the mapping never faults) for GET_INFLIGHT_FD."""
+        _check_geometry(num_queues, queue_size)
+        size = num_queues * queue_stride(queue_size)
+        fd = os.memfd_create("vhost-inflight", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, mm, InflightInfo(size, 0, num_queues, queue_size))
+
+    @classmethod
+    def from_fd(cls, fd: int, info: InflightInfo) -> "InflightRegion":
+        """Map the buffer of SET_INFLIGHT_FD.  ``fd`` is consumed (kept by the
+        region, closed on error).  ProtocolError naming the field when the
+        geometry does not fit our layout or the file."""
+        try:
+            _check_geometry(info.num_queues, info.queue_size)
+            need = info.num_queues * queue_stride(info.queue_size)
+            if info.mmap_size < need:
+                raise ProtocolError(f"SET_INFLIGHT_FD: mmap_size {info.mmap_size} < {need} "
+                                    f"(num_queues {info.num_queues} x stride {queue_stride(info.queue_size)})")
+            if info.mmap_offset % mmap.ALLOCATIONGRANULARITY:
+                raise ProtocolError(f"SET_INFLIGHT_FD: mmap_offset {info.mmap_offset:#x} is not page aligned")
+            try:
+                st = os.fstat(fd)
+            except OSError as exc:
+                raise ProtocolError(f"SET_INFLIGHT_FD: fd {fd}: {exc}") from None
+            if st.st_size < info.mmap_offset + info.mmap_size:
+                raise ProtocolError(f"SET_INFLIGHT_FD: mmap_offset {info.mmap_offset:#x} + mmap_size "
+                                    f"{info.mmap_size:#x} exceeds the file size {st.st_size:#x}")
+            try:
+                mm = mmap.mmap(fd, info.mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                               offset=info.mmap_offset)
+            except (OSError, ValueError, OverflowError) as exc:
+                raise ProtocolError(f"SET_INFLIGHT_FD: mmap_size {info.mmap_size:#x}: mmap failed: {exc}") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, mm, info)
+
+    def queue(self, index: int) -> InflightQueue:
+        """The region of queue ``index`` (one object per index)."""
+        q = self._queues.get(index)
+        if q is None:
+            if not 0 <= index < self.num_queues:
+                raise ProtocolError(f"inflight: queue index {index} outside [0, {self.num_queues})")
+            if self._view is None:
+                raise ProtocolError("inflight: region is closed")
+            start = index * self.stride
+            q = self._queues[index] = InflightQueue(index, self._view[start:start + self.stride],
+                                                    self.queue_size)
+        return q
+
+    def close(self) -> None:
+        """Unmap (as soon as no queue uses it) and close the fd (idempotent)."""
+        for q in self._queues.values():
+            try:
+                q.release()
+            except BufferError:
+                pass
+        self._queues.clear()
+        if self._view is not None:
+            self._view.release()
+            self._view = None  # type: ignore[assignment]
+            try:
+                self._mmap.close()
+            except BufferError:
+                log.debug("inflight region still referenced; unmapped when released")
+            self._mmap = None  # type: ignore[assignment]
+        if self.fd >= 0:
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+            self.fd = -1

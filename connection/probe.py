@@ -1,0 +1,153 @@
+"""``vhost-supervisor probe SOCKET [--json] [--type T]``: what does this back-end offer?
+
+Why: an operator wiring a VMM to a socket wants to see, without starting a VM,
+which features, protocol features, queue count and config space the back-end
+behind it announces (ours or anyone's).  The probe connects as a front-end,
+negotiates protocol features only (MQ, CONFIG, REPLY_ACK), never sets virtio
+features or memory, and disconnects, so the back-end goes back to waiting.
+
+Also runnable as ``python -m connection.probe``.  Exit status: 0 on success,
+1 when the socket cannot be reached or the back-end breaks the protocol,
+2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .errors import ConnectionClosed, ProtocolError
+from .frontend import VhostUserFrontend, decode_blk_config, feature_names
+from .protocol import ProtocolFeature, VirtioFeature
+
+#: Device-specific feature bit names, per device type.
+DEVICE_FEATURE_NAMES: dict[str, dict[int, str]] = {
+    "block": {0: "BLK_F_BARRIER", 1: "BLK_F_SIZE_MAX", 2: "BLK_F_SEG_MAX", 4: "BLK_F_GEOMETRY", 5: "BLK_F_RO",
+              6: "BLK_F_BLK_SIZE", 7: "BLK_F_SCSI", 9: "BLK_F_FLUSH", 10: "BLK_F_TOPOLOGY",
+              11: "BLK_F_CONFIG_WCE", 12: "BLK_F_MQ", 13: "BLK_F_DISCARD", 14: "BLK_F_WRITE_ZEROES",
+              15: "BLK_F_LIFETIME", 16: "BLK_F_SECURE_ERASE", 17: "BLK_F_ZONED"},
+    "console": {0: "CONSOLE_F_SIZE", 1: "CONSOLE_F_MULTIPORT", 2: "CONSOLE_F_EMERG_WRITE"},
+    "rng": {},
+}
+#: Config sizes tried, largest first, when the type does not say (the largest one
+#: the back-end accepts is its config size: QEMU's and our devices refuse more).
+CONFIG_SIZES = (256, 128, 96, 72, 64, 60, 56, 40, 36, 32, 24, 16, 12, 8, 4)
+#: Config size QEMU's vhost-user-blk asks for (through the write-zeroes fields).
+BLOCK_CONFIG_SIZE = 60
+_BLK_HINT_BITS = (1 << 2) | (1 << 6) | (1 << 9)   # SEG_MAX, BLK_SIZE, FLUSH
+
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="vhost-supervisor probe",
+                                     description="Connect to a vhost-user back-end and show what it offers.")
+    parser.add_argument("socket", help="path of the back-end's listening Unix socket")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--type", choices=("auto", "block", "console", "rng"), default="auto",
+                        help="device type for decoding (default: guessed from features and config size)")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the socket")
+    return parser.parse_args(argv)
+
+
+def _read_config(fe: VhostUserFrontend, sizes: tuple[int, ...]) -> bytes | None:
+    for size in sizes:
+        try:
+            return fe.get_config(0, size)
+        except ProtocolError:
+            continue
+    return None
+
+
+def _guess_type(features: int, config: bytes | None) -> str:
+    size = len(config) if config else 0
+    if size >= 8 and (size > 12 or features & _BLK_HINT_BITS):
+        return "block"
+    if size in (4, 8, 12):
+        return "console"
+    return "unknown"
+
+
+def probe(path: str, device_type: str = "auto", timeout: float = 5.0) -> dict[str, Any]:
+    """Connect to ``path`` and return what the back-end offers (a JSON-able dict)."""
+    fe = VhostUserFrontend.connect(path, timeout)
+    try:
+        fe.negotiate(protocol_features=ProtocolFeature.MQ | ProtocolFeature.CONFIG | ProtocolFeature.REPLY_ACK,
+                     set_features=False)
+        config: bytes | None = None
+        if fe.acked_protocol_features & ProtocolFeature.CONFIG:
+            sizes = CONFIG_SIZES
+            if device_type == "block":
+                sizes = (BLOCK_CONFIG_SIZE,) + CONFIG_SIZES
+            config = _read_config(fe, sizes)
+    finally:
+        fe.disconnect()
+        fe.close()
+    if device_type == "auto":
+        device_type = _guess_type(fe.features, config)
+    names = feature_names(fe.features & ~((1 << 24) - 1), VirtioFeature)
+    device_names = DEVICE_FEATURE_NAMES.get(device_type, {})
+    dev_bits = [device_names.get(bit, f"bit{bit}") for bit in range(24) if fe.features & (1 << bit)]
+    result: dict[str, Any] = {
+        "socket": path,
+        "device_type": device_type,
+        "features": fe.features,
+        "feature_names": dev_bits + names,
+        "protocol_features": fe.protocol_features,
+        "protocol_feature_names": feature_names(fe.protocol_features, ProtocolFeature),
+        "queue_num": fe.queue_num,
+        "config_size": len(config) if config is not None else None,
+        "config": config.hex() if config is not None else None,
+    }
+    if device_type == "block" and config:
+        result["block"] = decode_blk_config(config)
+    return result
+
+
+def _hexdump(data: bytes) -> list[str]:
+    return [f"  {off:04x}: " + " ".join(f"{b:02x}" for b in data[off:off + 16]) for off in range(0, len(data), 16)]
+
+
+def format_text(info: dict[str, Any]) -> str:
+    lines = [
+        f"socket: {info['socket']}",
+        f"device type: {info['device_type']}",
+        f"features: {info['features']:#018x} {' '.join(info['feature_names'])}",
+        f"protocol features: {info['protocol_features']:#x} {' '.join(info['protocol_feature_names'])}",
+        f"queues: {info['queue_num'] if info['queue_num'] is not None else 'unknown (no MQ)'}",
+    ]
+    if info["config"] is None:
+        lines.append("config: none (no CONFIG protocol feature, or every size refused)")
+    else:
+        lines.append(f"config ({info['config_size']} bytes):")
+        lines.extend(_hexdump(bytes.fromhex(info["config"])))
+    blk = info.get("block")
+    if blk:
+        cap = blk.get("capacity", 0)
+        lines.append(f"block: capacity {cap} sectors ({cap * 512} bytes, {cap * 512 / (1 << 20):.1f} MiB)")
+        rest = " ".join(f"{k}={v}" for k, v in blk.items() if k != "capacity")
+        if rest:
+            lines.append(f"block: {rest}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``vhost-supervisor probe``; returns the exit status."""
+    try:
+        args = _parse_args(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        info = probe(args.socket, args.type, args.timeout)
+    except (OSError, ConnectionClosed, ProtocolError) as exc:
+        print(f"probe: {args.socket}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(info, sort_keys=True))
+    else:
+        print(format_text(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""virtio-rng (entropy device, ID 4): fills guest buffers from getrandom(2).
+
+``os.getrandom`` needs no file, so the jailed child needs no /dev/urandom
+and the builder opens nothing.  One queue, no feature bits, no config space.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, ClassVar
+
+from connection.executor import Executor
+from connection.protocol import VirtioFeature
+
+from .base import DeviceBuilder, Options, QueueTaskDevice
+
+log = logging.getLogger("devices.rng")
+
+#: Most bytes given for one request: the driver may receive less than its
+#: buffer (it checks the used length), and a huge buffer must not let one
+#: request monopolise the loop.
+MAX_PER_REQUEST = 64 << 10
+
+
+class RngDevice(QueueTaskDevice):
+    """requestq: every device-writable buffer gets random bytes."""
+
+    def max_queue_num(self) -> int:
+        return 1
+
+    def features(self) -> int:
+        return int(VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC | VirtioFeature.RING_EVENT_IDX)
+
+    def start_queue(self, index: int, queue: Any, mem: Any) -> None:
+        self._spawn(index, queue, self._serve(index, queue))
+
+    async def _serve(self, qi: int, queue: Any) -> None:
+        pop = queue.pop
+        add_used = queue.add_used
+        warned = False
+        while await queue.wait_kick():
+            while (chain := pop()) is not None:
+                written = 0
+                for view in chain.writable:
+                    want = min(len(view), MAX_PER_REQUEST - written)
+                    if want <= 0:
+                        break
+                    data = os.getrandom(want)
+                    view[:len(data)] = data
+                    written += len(data)
+                    if len(data) < want:
+                        break
+                if not written and not warned:
+                    warned = True
+                    log.warning("device=%s queue=%d request without a writable buffer "
+                                "(further ones not logged)", self.name, qi)
+                add_used(chain.head, written)
+            queue.flush()
+
+
+class RngBuilder(DeviceBuilder):
+    """Nothing to open: getrandom is a system call."""
+
+    device_type: ClassVar[str] = "rng"
+    seccomp_policy: ClassVar[str] = "rng.policy"
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @classmethod
+    def from_options(cls, name: str, options: dict[str, str]) -> "RngBuilder":
+        o = Options(name, options, ignored=("vhost", "pci-address"))
+        o.check_unknown()
+        return cls(name)
+
+    def build(self, ex: Executor) -> RngDevice:
+        return RngDevice(ex, self.name)

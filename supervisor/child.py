@@ -1,0 +1,305 @@
+"""Forking one device child: jailed through ``sandbox.spawn`` or, with
+``--disable-sandbox``, a plain fork that still does the fd hygiene and
+parent-death signal, so both modes have the same life cycle.
+
+The child's target builds the device on a fresh ``Executor`` and serves one
+front-end (``conn.run_device``).  It tells the parent "built, waiting for a
+front-end" by writing ``R`` on a status pipe: that is the ``ready`` state.
+Its stderr is a pipe the parent reads and re-logs with ``device=NAME``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from connection.device import VhostUserDeviceBuilder
+
+from .slot import ExitInfo, ExitKind
+
+READY_BYTE = b"R"
+
+_PARENT_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+                   signal.SIGCHLD)
+
+
+def _reset_signals_in_child() -> None:
+    """Runs right after every fork, in the child.
+
+    The parent's loop routes signals through ``signal.set_wakeup_fd`` into a
+    socket it shares with the child after fork: a SIGTERM to the child would
+    otherwise be read as a SIGTERM by the *parent's* loop.  Default
+    dispositions also make SIGTERM kill the child, as the shutdown expects.
+    SIGINT is ignored: a Ctrl-C on the supervisor's terminal reaches the whole
+    process group, and the supervisor stops its children itself.
+    """
+    try:
+        signal.set_wakeup_fd(-1)
+    except (ValueError, OSError):
+        pass
+    for sig in _PARENT_SIGNALS:
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (ValueError, OSError):
+            pass
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except (ValueError, OSError):
+        pass
+
+
+os.register_at_fork(after_in_child=_reset_signals_in_child)
+
+
+class ReadyBuilder(VhostUserDeviceBuilder):
+    """Wraps the device's builder in the child: after ``build`` succeeds, one
+    byte on the status pipe tells the parent the device waits for a front-end."""
+
+    def __init__(self, inner: Any, status_fd: int) -> None:
+        self._inner = inner
+        self._status_fd = status_fd
+
+    def build(self, ex: Any) -> Any:
+        device = self._inner.build(ex)
+        try:
+            os.write(self._status_fd, READY_BYTE)
+            os.close(self._status_fd)
+        except OSError:
+            pass
+        return device
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def device_target(name: str, conn: Any, builder: Any, status_fd: int) -> Callable[[], int]:
+    """The function a child runs after jailing: serve one front-end, then exit."""
+
+    def target() -> int:
+        from connection.executor import Executor
+
+        from .logs import setup_child_logging
+        try:
+            setup_child_logging()
+            ex = Executor()
+            conn.run_device(ex, ReadyBuilder(builder, status_fd))
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else 1
+        except BaseException:  # noqa: BLE001 - the child reports and exits non-zero
+            try:
+                sys.stderr.write(f"error while running device {name}:\n{traceback.format_exc()}")
+                sys.stderr.flush()
+            except Exception:  # noqa: BLE001
+                pass
+            return 1
+        return 0
+
+    return target
+
+
+@dataclass
+class ChildProcess:
+    """A running device child as the parent sees it."""
+
+    pid: int
+    pidfd: int
+    log_fd: int                   # read end of the child's stderr pipe
+    status_fd: int                # read end of the status pipe
+    jailed: Any = None            # sandbox.JailedChild, or None for a plain fork
+    reaped: bool = False
+
+    device_pid: int = 0           # the process that runs the device (jailed: the forwarder's child)
+
+    def __post_init__(self) -> None:
+        if not self.device_pid:
+            self.device_pid = int(getattr(self.jailed, "device_pid", None) or self.pid)
+
+    def exit_info(self, status: int) -> ExitInfo:
+        """Classify a wait status of ``pid`` (the jail knows about seccomp and set-up failures)."""
+        if self.jailed is not None:
+            return from_exit_reason(self.jailed.decode_status(status))
+        return classify(status)
+
+    @property
+    def violation_fd(self) -> int | None:
+        return getattr(self.jailed, "violation_fd", None) if self.jailed is not None else None
+
+    def read_violation(self) -> str | None:
+        """Answer a pending seccomp notification (this kills the child); its syscall."""
+        if self.jailed is None:
+            return None
+        try:
+            return self.jailed.read_violation()
+        except Exception:  # noqa: BLE001
+            return None
+
+    def signal(self, sig: int) -> bool:
+        """Signal through the pidfd: never hits a recycled pid."""
+        if self.reaped:
+            return False
+        try:
+            signal.pidfd_send_signal(self.pidfd, sig)
+            return True
+        except ProcessLookupError:
+            return False
+        except OSError:
+            return False
+
+    def reap(self) -> int:
+        """Collect the exit status (the pidfd said the child exited)."""
+        _, status = os.waitpid(self.pid, 0)
+        self.reaped = True
+        return status
+
+    def close(self) -> None:
+        """Close our fds; the jailed child's own (pidfd, violation fd) are closed by it."""
+        fds = [self.log_fd, self.status_fd] + ([self.pidfd] if self.jailed is None else [])
+        for fd in fds:
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.log_fd = self.status_fd = -1
+        if self.jailed is not None:
+            try:
+                self.jailed.close()
+            except Exception:  # noqa: BLE001
+                pass
+            self.jailed = None
+        self.pidfd = -1
+
+
+#: A jailed device turns these signals into exit(128 + signal) (it is pid 1 of
+#: its pid namespace, where default actions do not apply); report them as the
+#: signal they were.
+DEVICE_EXIT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _signame(sig: int | None) -> str:
+    if sig is None:
+        return "?"
+    try:
+        return signal.Signals(sig).name
+    except ValueError:
+        return f"signal {sig}"
+
+
+def classify(status: int, violation: str | None = None) -> ExitInfo:
+    """Waitstatus of a plain-forked child -> ExitInfo."""
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig == signal.SIGSYS or violation:
+            return ExitInfo(ExitKind.SECCOMP, signal=_signame(sig), syscall=violation)
+        return ExitInfo(ExitKind.SIGNALED, signal=_signame(sig))
+    code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else -1
+    if violation:
+        return ExitInfo(ExitKind.SECCOMP, code=code, syscall=violation)
+    if code == 0:
+        return ExitInfo(ExitKind.DISCONNECTED, code=0)
+    return ExitInfo(ExitKind.ERROR, code=code)
+
+
+def from_exit_reason(reason: Any) -> ExitInfo:
+    """``sandbox.ExitReason`` (exited/signaled/seccomp/jail_failed) -> ExitInfo."""
+    if reason.kind == "seccomp":
+        return ExitInfo(ExitKind.SECCOMP, code=reason.code, signal=_signame(reason.signal) if reason.signal else None,
+                        syscall=reason.syscall)
+    if reason.kind == "jail_failed":
+        return ExitInfo(ExitKind.JAIL_FAILED, code=reason.code, message=reason.message)
+    if reason.kind == "signaled":
+        return ExitInfo(ExitKind.SIGNALED, signal=_signame(reason.signal))
+    code = reason.code
+    if code == 0:
+        return ExitInfo(ExitKind.DISCONNECTED, code=0)
+    if code is not None and code > 128 and (code - 128) in DEVICE_EXIT_SIGNALS:
+        return ExitInfo(ExitKind.SIGNALED, code=code, signal=_signame(code - 128))
+    return ExitInfo(ExitKind.ERROR, code=code)
+
+
+def _open_fds() -> list[int]:
+    return [int(n) for n in os.listdir("/proc/self/fd")]
+
+
+def _plain_child(target: Callable[[], int], keep: set[int], log_w: int, parent: int, name: str) -> None:
+    """In the plain-forked child: what the jail would do minus the confinement."""
+    rc = 1
+    try:
+        import prctl
+        prctl.set_pdeathsig(signal.SIGKILL)
+        if os.getppid() != parent:
+            os._exit(1)
+        try:
+            prctl.set_name(name[:15])
+        except Exception:  # noqa: BLE001
+            pass
+        os.dup2(log_w, 2)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1):
+            if fd not in keep:
+                os.dup2(devnull, fd)
+        keep_all = keep | {0, 1, 2}
+        for fd in _open_fds():
+            if fd not in keep_all:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        rc = target()
+    except BaseException:  # noqa: BLE001
+        try:
+            traceback.print_exc()
+        except Exception:  # noqa: BLE001
+            pass
+        rc = 1
+    finally:
+        try:
+            sys.stderr.flush()
+            sys.stdout.flush()
+        except Exception:  # noqa: BLE001
+            pass
+        os._exit(rc if isinstance(rc, int) else 1)
+
+
+def _check_single_threaded() -> None:
+    if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
+        raise RuntimeError("refusing to fork a device child: the supervisor is not single-threaded")
+
+
+def spawn_child(*, name: str, conn: Any, builder: Any, keep_fds: list[int], sandboxed: bool,
+                jail_kwargs: dict[str, Any] | None = None) -> ChildProcess:
+    """Fork one device child.  Returns after the fork; the child runs on its own."""
+    _check_single_threaded()
+    log_r, log_w = os.pipe2(os.O_CLOEXEC)
+    st_r, st_w = os.pipe2(os.O_CLOEXEC)
+    os.set_blocking(log_r, False)
+    os.set_blocking(st_r, False)
+    keep = sorted(set(keep_fds) | {st_w})
+    target = device_target(name, conn, builder, st_w)
+    try:
+        if sandboxed:
+            import sandbox
+            cfg = sandbox.JailConfig(name=name, keep_fds=keep, log_fd=log_w, **(jail_kwargs or {}))
+            jailed = sandbox.spawn(cfg, target)
+            child = ChildProcess(pid=jailed.pid, pidfd=jailed.pidfd, log_fd=log_r, status_fd=st_r,
+                                 jailed=jailed)
+        else:
+            parent = os.getpid()
+            sys.stderr.flush()
+            pid = os.fork()
+            if pid == 0:
+                _plain_child(target, set(keep), log_w, parent, name)
+            child = ChildProcess(pid=pid, pidfd=os.pidfd_open(pid), log_fd=log_r, status_fd=st_r)
+    except BaseException:
+        for fd in (log_r, st_r):
+            os.close(fd)
+        raise
+    finally:
+        os.close(log_w)
+        os.close(st_w)
+    return child

@@ -1,0 +1,209 @@
+"""``vhost-supervisor``: run the supervisor, talk to it, and reach the other
+packages' tools (policy, device, probe) under one command.
+
+Exit status: 0 success, 1 runtime failure (e.g. no supervisor answers),
+2 configuration or usage error (nothing was started).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from typing import Any
+
+from .config import ConfigError, build_config, default_control_socket
+
+EXIT_CONFIG = 2
+
+
+class _DeviceFlag(argparse.Action):
+    """Keeps ``--block/--serial/--rng`` in command-line order (names are ``TYPE-N``)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        items = list(getattr(ns, "devices", None) or [])
+        items.append((self.dest, values))
+        ns.devices = items
+
+
+def _add_control(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-s", "--control-socket", metavar="PATH", default=None,
+                   help=f"control socket (default {default_control_socket()})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vhost-supervisor",
+                                     description="A sandboxed supervisor for vhost-user device back-ends.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    run = sub.add_parser("run", help="start the devices and supervise them",
+                         description="Start one jailed child per device (crosvm's device syntax), restart "
+                                     "them per policy, serve the control socket; stop on SIGTERM/SIGINT.")
+    run.add_argument("--block", dest="block", action=_DeviceFlag, metavar="vhost=PATH,path=IMG[,...]",
+                     help="a block device (ro=, sparse=, direct=, id=, num-queues=, ...); repeatable")
+    run.add_argument("--serial", dest="serial", action=_DeviceFlag, metavar="vhost=PATH,type=TYPE[,...]",
+                     help="a console device (type=file|stdout|sink|unix, path=, input=); repeatable")
+    run.add_argument("--rng", dest="rng", action=_DeviceFlag, metavar="vhost=PATH", help="an rng device; repeatable")
+    run.add_argument("--jail", action="append", default=[],
+                     metavar="pivot-root=DIR,seccomp-policy-dir=DIR,seccomp-log-failures=BOOL")
+    run.add_argument("--disable-sandbox", action="store_true", default=None,
+                     help="fork children without a jail (development only)")
+    run.add_argument("--config", metavar="FILE", help="TOML file: [supervisor], [jail], [[device]]")
+    run.add_argument("--log-format", choices=("text", "json"), default=None)
+    run.add_argument("--grace-period", type=float, default=None, metavar="SEC",
+                     help="SIGKILL children this long after SIGTERM (default 5)")
+    _add_control(run)
+
+    st = sub.add_parser("status", help="show every device's state")
+    st.add_argument("--json", action="store_true")
+    _add_control(st)
+    for name, text in (("restart", "restart a device (clears the crash-loop breaker)"),
+                       ("stop", "stop a device (its socket stays)"), ("start", "start a stopped device")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("name")
+        _add_control(p)
+
+    au = sub.add_parser("audit", help="read each device child's confinement back from /proc")
+    au.add_argument("--json", action="store_true")
+    _add_control(au)
+
+    pol = sub.add_parser("policy", help="check or show a seccomp policy file")
+    pol.add_argument("action", choices=("check", "show"))
+    pol.add_argument("file")
+
+    dev = sub.add_parser("device", help="run one device unjailed (crosvm device ...)", add_help=False)
+    dev.add_argument("args", nargs=argparse.REMAINDER)
+    pr = sub.add_parser("probe", help="connect to a vhost-user socket and describe the device", add_help=False)
+    pr.add_argument("args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _err(msg: str) -> None:
+    print(f"vhost-supervisor: {msg}", file=sys.stderr)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import logs
+    from .config import open_builders
+    from .supervision import Supervisor
+    try:
+        cfg = build_config(config_file=args.config, ordered_flags=list(getattr(args, "devices", None) or []),
+                           jail=args.jail, disable_sandbox=args.disable_sandbox,
+                           control_socket=args.control_socket, log_format=args.log_format,
+                           grace_period=args.grace_period)
+        if not cfg.devices:
+            raise ConfigError("no devices configured (give --block, --serial, --rng or --config)")
+        logs.setup_logging(cfg.log_format)
+        builders = open_builders(cfg)
+    except ConfigError as e:
+        _err(f"config error: {e}")
+        return EXIT_CONFIG
+    import faulthandler
+    faulthandler.register(signal.SIGUSR2, all_threads=True)  # `kill -USR2` dumps the stacks into the log
+    try:
+        return Supervisor(cfg, builders).run()
+    except ConfigError as e:
+        _err(f"config error: {e}")
+        return EXIT_CONFIG
+
+
+def _control(args: argparse.Namespace, req: dict[str, Any]) -> dict[str, Any] | None:
+    from .control import ControlError, request
+    path = args.control_socket or default_control_socket()
+    try:
+        reply = request(path, req)
+    except ControlError as e:
+        _err(str(e))
+        return None
+    if not reply.get("ok"):
+        _err(reply.get("error", "request failed"))
+        return None
+    return reply
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import format_table
+    reply = _control(args, {"cmd": "status"})
+    if reply is None:
+        return 1
+    print(json.dumps(reply, indent=2) if args.json else format_table(reply))
+    return 0
+
+
+def cmd_device_action(args: argparse.Namespace) -> int:
+    from .status import format_table
+    reply = _control(args, {"cmd": args.command, "name": args.name})
+    if reply is None:
+        return 1
+    d = reply.get("device") or {}
+    print(format_table({"devices": [d]}) if d else "ok")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    import sandbox
+    from sandbox.cli import format_audit
+    reply = _control(args, {"cmd": "status"})
+    if reply is None:
+        return 1
+    results: dict[str, Any] = {}
+    for d in reply.get("devices", []):
+        if not d.get("pid"):
+            results[d["name"]] = None
+            continue
+        try:
+            results[d["name"]] = sandbox.audit(d["pid"])
+        except Exception as e:  # noqa: BLE001 - the child may exit between status and audit
+            results[d["name"]] = {"error": f"{type(e).__name__}: {e}"}
+    if args.json:
+        print(json.dumps(results, indent=2, default=str))
+        return 0
+    for name, audit in results.items():
+        print(f"== {name}")
+        if audit is None:
+            print("   (not running)")
+        elif "error" in audit and len(audit) == 1:
+            print(f"   {audit['error']}")
+        else:
+            print(format_audit(audit))
+    return 0
+
+
+def cmd_policy(args: argparse.Namespace) -> int:
+    from sandbox import cli as scli
+    return scli.policy_check(args.file) if args.action == "check" else scli.policy_show(args.file)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # "device" and "probe" hand everything after them to the other packages' CLIs.
+    if argv and argv[0] == "device":
+        from devices import standalone
+        return int(standalone.main(argv[1:]) or 0)
+    if argv and argv[0] == "probe":
+        from connection import probe
+        return int(probe.main(argv[1:]) or 0)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code) if isinstance(e.code, int) else EXIT_CONFIG
+    if args.command == "run":
+        return cmd_run(args)
+    if args.command == "status":
+        return cmd_status(args)
+    if args.command in ("restart", "stop", "start"):
+        return cmd_device_action(args)
+    if args.command == "audit":
+        return cmd_audit(args)
+    if args.command == "policy":
+        return cmd_policy(args)
+    parser.print_help()
+    return EXIT_CONFIG
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

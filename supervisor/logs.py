@@ -1,0 +1,125 @@
+"""One line per event, ``device=NAME`` first; text for people, JSON for machines.
+
+The supervisor is the only writer of its log: children's stderr arrives
+through pipes and is re-emitted here as ``event=stderr`` lines, so a single
+stream (journald under systemd) holds everything, tagged with the device.
+Plain ``logging`` records from the connection/devices packages that run in
+the parent go through the same formatter, tagged ``device=-``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, TextIO
+
+LOGGER_NAME = "vhost_supervisor"
+
+
+def _quote(value: Any) -> str:
+    text = str(value)
+    if text == "" or any(c in text for c in ' "=\t\n\\'):
+        return json.dumps(text)
+    return text
+
+
+def _timestamp(created: float) -> str:
+    ms = int((created - int(created)) * 1000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{ms:03d}Z"
+
+
+class EventFormatter(logging.Formatter):
+    """Formats records that carry ``event``/``device``/``fields`` extras (and plain ones)."""
+
+    def __init__(self, fmt: str = "text") -> None:
+        super().__init__()
+        if fmt not in ("text", "json"):
+            raise ValueError(f"log-format: {fmt!r} is not one of text, json")
+        self.fmt = fmt
+
+    def format(self, record: logging.LogRecord) -> str:
+        device = getattr(record, "device", None) or "-"
+        event = getattr(record, "event", None)
+        fields: dict[str, Any] = dict(getattr(record, "fields", None) or {})
+        if event is None:
+            # A record from another package (connection/, devices/, sandbox/).
+            event = "log"
+            fields = {"logger": record.name, "msg": record.getMessage()}
+            if record.exc_info:
+                fields["exc"] = self.formatException(record.exc_info)
+        level = record.levelname.lower()
+        if self.fmt == "json":
+            out = {"ts": _timestamp(record.created), "device": device, "event": event, "level": level}
+            out.update(fields)
+            return json.dumps(out, default=str, separators=(",", ":"))
+        parts = [f"device={_quote(device)}", f"event={event}"]
+        if level not in ("info",):
+            parts.append(f"level={level}")
+        parts.extend(f"{k}={_quote(v)}" for k, v in fields.items() if v is not None)
+        return f"{_timestamp(record.created)} " + " ".join(parts)
+
+
+def setup_logging(fmt: str = "text", stream: TextIO | None = None, level: int = logging.INFO) -> logging.Logger:
+    """Install one handler on the root logger, so every package logs through it."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if getattr(h, "_vhost_supervisor", False):
+            root.removeHandler(h)
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(EventFormatter(fmt))
+    handler._vhost_supervisor = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+    return logging.getLogger(LOGGER_NAME)
+
+
+_log = logging.getLogger(LOGGER_NAME)
+
+
+def event(device: str | None, name: str, level: int = logging.INFO, **fields: Any) -> None:
+    """Log one event line: ``device=NAME event=NAME k=v ...``."""
+    _log.log(level, "%s", name, extra={"device": device or "-", "event": name, "fields": fields})
+
+
+class ChildFormatter(logging.Formatter):
+    """In a device child: one JSON object per record on stderr, which the parent
+    parses and re-emits as ``device=NAME event=log`` with the child's level."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"level": record.levelname.lower(), "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str, separators=(",", ":"))
+
+
+def setup_child_logging() -> None:
+    """Called in the child before it serves: records go to fd 2 (the pipe) as JSON."""
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(ChildFormatter())
+    root.addHandler(handler)
+
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR, "critical": logging.CRITICAL}
+
+
+def child_line(device: str, pid: int, text: str) -> None:
+    """Re-emit one line a child wrote on stderr."""
+    if text.startswith("{") and text.endswith("}"):
+        try:
+            rec = json.loads(text)
+        except ValueError:
+            rec = None
+        if isinstance(rec, dict) and isinstance(rec.get("msg"), str):
+            level = _LEVELS.get(str(rec.get("level")), logging.INFO)
+            fields: dict[str, Any] = {"pid": pid, "logger": rec.get("logger"), "msg": rec["msg"]}
+            if rec.get("exc"):
+                fields["exc"] = rec["exc"]
+            event(device, "log", level, **fields)
+            return
+    event(device, "stderr", pid=pid, msg=text)

@@ -1,0 +1,965 @@
+"""Split virtqueue, device side: chains, completion, notification, malicious
+guests, kicks.  Real memfds and eventfds; the driver side is the small ring
+writer below (independent of connection/frontend.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import mmap
+import os
+import threading
+import time
+
+import pytest
+import uvloop
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from connection.inflight import InflightQueue
+from connection.memory import GuestMemory
+from connection.protocol import MemoryRegion, VirtioFeature, VringAddr
+from connection.virtqueue import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DescriptorChain,
+                                  Virtqueue, vring_need_event)
+
+KiB, MiB = 1 << 10, 1 << 20
+INDIRECT = int(VirtioFeature.RING_INDIRECT_DESC)
+EVENT_IDX = int(VirtioFeature.RING_EVENT_IDX)
+CANARY = 0xA5
+
+
+# --------------------------------------------------------------------------
+# A tiny driver: guest memory in one memfd, rings written by hand.
+
+class Guest:
+    """Guest memory as a VMM shares it.  File layout (canaries are inside
+    the device's mappings, since regions are mapped from file offset 0, but
+    outside every region)::
+
+        [0, 4K) canary | A: 1M at GPA 0 | 4K canary | B: 1M at GPA 1M | 4K canary
+
+    A and B are adjacent in GPA space (a buffer may straddle them) but not
+    in the file, and their QVAs are unrelated to their GPAs."""
+
+    A_OFF = 4 * KiB
+    B_OFF = A_OFF + MiB + 4 * KiB
+    SIZE = B_OFF + MiB + 4 * KiB
+    END = 2 * MiB  # first GPA past guest memory
+
+    def __init__(self) -> None:
+        self.fd = os.memfd_create("test-guest", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.SIZE)
+        self.host = mmap.mmap(self.fd, self.SIZE)
+        self.hv = memoryview(self.host)
+        self.hv[:] = bytes([CANARY]) * self.SIZE
+        self.hv[self.A_OFF:self.A_OFF + MiB] = bytes(MiB)
+        self.hv[self.B_OFF:self.B_OFF + MiB] = bytes(MiB)
+        self.regions = [MemoryRegion(0, MiB, 0x7F12_3400_0000, self.A_OFF),
+                        MemoryRegion(MiB, MiB, 0x7F99_0000_0000, self.B_OFF)]
+        self.mem = GuestMemory()
+        for r in self.regions:
+            self.mem.add_region(r, os.dup(self.fd))
+        self._next = 0x1000
+
+    def off(self, gpa: int) -> int:
+        return (self.A_OFF + gpa) if gpa < MiB else (self.B_OFF + gpa - MiB)
+
+    def qva(self, gpa: int) -> int:
+        r = self.regions[0] if gpa < MiB else self.regions[1]
+        return r.userspace_addr + gpa - r.guest_phys_addr
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        o = self.off(gpa)
+        return self.hv[o:o + length]
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def alloc(self, size: int, align: int = 16) -> int:
+        gpa = (self._next + align - 1) & ~(align - 1)
+        if gpa < MiB <= gpa + size:
+            gpa = MiB
+        self._next = gpa + size
+        assert self._next <= self.END
+        return gpa
+
+    def canaries_intact(self) -> bool:
+        spans = [(0, self.A_OFF), (self.A_OFF + MiB, self.B_OFF), (self.B_OFF + MiB, self.SIZE)]
+        return all(self.hv[a:b] == bytes([CANARY]) * (b - a) for a, b in spans)
+
+    def close(self) -> None:
+        self.mem.clear()
+        self.hv.release()
+        self.host.close()
+        os.close(self.fd)
+
+
+class DriverRing:
+    """Driver side of one split ring in ``Guest`` memory."""
+
+    def __init__(self, guest: Guest, size: int, avail_idx: int = 0) -> None:
+        self.g, self.size = guest, size
+        self.desc_gpa = guest.alloc(16 * size, 16)
+        self.avail_gpa = guest.alloc(6 + 2 * size, 2)
+        self.used_gpa = guest.alloc(6 + 8 * size, 4)
+        self.desc = guest.view(self.desc_gpa, 16 * size).cast("Q")
+        self.avail = guest.view(self.avail_gpa, 6 + 2 * size).cast("H")
+        self.used = guest.view(self.used_gpa, 6 + 8 * size).cast("H")
+        self.used_elems = guest.view(self.used_gpa + 4, 8 * size).cast("I")
+        self.avail[1] = avail_idx
+        self.used[1] = avail_idx
+        self.next_desc = 0
+        self.last_used = avail_idx
+
+    def vring_addr(self, index: int) -> VringAddr:
+        return VringAddr(index, 0, self.g.qva(self.desc_gpa), self.g.qva(self.used_gpa),
+                         self.g.qva(self.avail_gpa), 0)
+
+    @staticmethod
+    def write_desc(table: memoryview, i: int, addr: int, length: int, flags: int, nxt: int = 0) -> None:
+        table[2 * i] = addr
+        table[2 * i + 1] = length | (flags << 32) | (nxt << 48)
+
+    def set_desc(self, i: int, addr: int, length: int, flags: int = 0, nxt: int = 0) -> None:
+        self.write_desc(self.desc, i, addr, length, flags, nxt)
+
+    def put(self, head: int) -> None:
+        """Publish one head: ring entry first, then the index."""
+        idx = self.avail[1]
+        self.avail[2 + idx % self.size] = head
+        self.avail[1] = (idx + 1) & 0xFFFF
+
+    def chain(self, bufs: list[tuple[int, int, bool]], indirect: bool = False,
+              publish: bool = True) -> int:
+        """Build a chain of ``(gpa, len, device_writable)`` buffers and
+        publish its head; with ``indirect`` the buffers go in a table."""
+        if indirect:
+            table_gpa = self.g.alloc(16 * len(bufs), 16)
+            table = self.g.view(table_gpa, 16 * len(bufs)).cast("Q")
+            for k, (addr, length, w) in enumerate(bufs):
+                last = k == len(bufs) - 1
+                self.write_desc(table, k, addr, length,
+                                (DESC_F_WRITE if w else 0) | (0 if last else DESC_F_NEXT), k + 1 if not last else 0)
+            head = self._take(1)[0]
+            self.set_desc(head, table_gpa, 16 * len(bufs), DESC_F_INDIRECT)
+        else:
+            idxs = self._take(len(bufs))
+            for k, (addr, length, w) in enumerate(bufs):
+                last = k == len(bufs) - 1
+                self.set_desc(idxs[k], addr, length,
+                              (DESC_F_WRITE if w else 0) | (0 if last else DESC_F_NEXT), 0 if last else idxs[k + 1])
+            head = idxs[0]
+        if publish:
+            self.put(head)
+        return head
+
+    def _take(self, n: int) -> list[int]:
+        out = [(self.next_desc + k) % self.size for k in range(n)]
+        self.next_desc = (self.next_desc + n) % self.size
+        return out
+
+    @property
+    def used_event(self) -> int:
+        return self.avail[2 + self.size]
+
+    @used_event.setter
+    def used_event(self, value: int) -> None:
+        self.avail[2 + self.size] = value
+
+    @property
+    def avail_event(self) -> int:
+        return self.used[2 + 4 * self.size]
+
+    def get_used(self) -> list[tuple[int, int]]:
+        out = []
+        while self.last_used != self.used[1]:
+            k = self.last_used % self.size
+            out.append((self.used_elems[2 * k], self.used_elems[2 * k + 1]))
+            self.last_used = (self.last_used + 1) & 0xFFFF
+        return out
+
+    def release(self) -> None:
+        for v in (self.desc, self.avail, self.used, self.used_elems):
+            v.release()
+
+
+def eventfd() -> int:
+    return os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+
+def eventfd_count(fd: int) -> int:
+    """Read (and reset) an eventfd counter; 0 if it was not signalled."""
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
+
+
+class Setup:
+    """A guest, a loop and queues with real kick/call/err eventfds; the
+    driver keeps its own ends (dups) of each eventfd."""
+
+    def __init__(self) -> None:
+        self.guest = Guest()
+        self.loop = uvloop.new_event_loop()
+        self.rings: list[DriverRing] = []
+        self.queues: list[Virtqueue] = []
+        self.kick: list[int] = []
+        self.call: list[int] = []
+        self.err: list[int] = []
+
+    def queue(self, size: int = 8, features: int = INDIRECT, base: int = 0,
+              inflight: InflightQueue | None = None, start: bool = True) -> tuple[Virtqueue, DriverRing]:
+        index = len(self.queues)
+        ring = DriverRing(self.guest, size, base)
+        q = Virtqueue(index, 1024, self.loop)
+        q.set_size(size)
+        q.set_addresses(ring.vring_addr(index))
+        q.set_base(base)
+        k, c, e = eventfd(), eventfd(), eventfd()
+        q.set_kick_fd(os.dup(k))
+        q.set_call_fd(os.dup(c))
+        q.set_err_fd(os.dup(e))
+        q.set_inflight(inflight)
+        if start:
+            q.start(self.guest.mem, features)
+        self.rings.append(ring)
+        self.queues.append(q)
+        self.kick.append(k)
+        self.call.append(c)
+        self.err.append(e)
+        return q, ring
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    def close(self) -> None:
+        for q in self.queues:
+            q.close()
+        for r in self.rings:
+            r.release()
+        for fd in self.kick + self.call + self.err:
+            os.close(fd)
+        self.loop.close()
+        self.guest.close()
+
+
+@pytest.fixture
+def setup():
+    s = Setup()
+    yield s
+    s.close()
+
+
+def addr_of(view: memoryview) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+def inside_regions(mem: GuestMemory, view: memoryview) -> bool:
+    """The view's bytes lie inside one region's guest range of a mapping."""
+    start = addr_of(view)
+    for r in mem.regions:
+        base = addr_of(r.view) + r.mmap_offset
+        if base <= start and start + len(view) <= base + r.memory_size:
+            return True
+    return False
+
+
+# --------------------------------------------------------------------------
+# Chains
+
+def test_direct_chain_is_zero_copy(setup):
+    q, ring = setup.queue()
+    g = setup.guest
+    hdr, data, status = g.alloc(16), g.alloc(4096), g.alloc(1)
+    g.write(hdr, b"H" * 16)
+    g.write(data, b"D" * 4096)
+    head = ring.chain([(hdr, 16, False), (data, 4096, False), (status, 1, True)])
+    chain = q.pop()
+    assert isinstance(chain, DescriptorChain)
+    assert chain.head == head
+    assert [bytes(v) for v in chain.readable] == [b"H" * 16, b"D" * 4096]
+    assert chain.readable_len == 4112 and chain.writable_len == 1
+    chain.writable[0][0] = 0x5A                          # device writes into guest memory
+    assert g.read(status, 1) == b"\x5a"
+    g.write(hdr, b"h" * 16)                              # and sees guest writes: no copy
+    assert bytes(chain.readable[0]) == b"h" * 16
+    assert q.pop() is None
+    assert all(inside_regions(g.mem, v) for v in chain.readable + chain.writable)
+
+
+def test_indirect_and_mixed_chains(setup):
+    q, ring = setup.queue(features=INDIRECT)
+    g = setup.guest
+    a, b, c = g.alloc(512), g.alloc(512), g.alloc(512)
+    g.write(a, b"a" * 512)
+    g.write(b, b"b" * 512)
+    h1 = ring.chain([(a, 512, False), (b, 512, False), (c, 512, True)], indirect=True)
+    chain = q.pop()
+    assert chain.head == h1
+    assert [bytes(v[:1]) for v in chain.readable] == [b"a", b"b"] and chain.writable_len == 512
+    # mixed: one direct descriptor, then an indirect one (spec 2.7.5.3.2)
+    table = g.alloc(32)
+    tv = g.view(table, 32).cast("Q")
+    DriverRing.write_desc(tv, 0, b, 512, DESC_F_NEXT, 1)
+    DriverRing.write_desc(tv, 1, c, 512, DESC_F_WRITE)
+    ring.set_desc(5, a, 512, DESC_F_NEXT, 6)
+    ring.set_desc(6, table, 32, DESC_F_INDIRECT)
+    ring.put(5)
+    chain = q.pop()
+    assert chain.head == 5
+    assert [bytes(v[:1]) for v in chain.readable] == [b"a", b"b"]
+    assert chain.readable_len == 1024 and chain.writable_len == 512
+    tv.release()
+    assert not q.broken
+
+
+def test_indirect_table_ignores_write_flag_on_pointer(setup):
+    q, ring = setup.queue(features=INDIRECT)
+    g = setup.guest
+    a = g.alloc(64)
+    head = ring.chain([(a, 64, False)], indirect=True, publish=False)
+    ring.set_desc(head, ring.desc[2 * head], 16, DESC_F_INDIRECT | DESC_F_WRITE)
+    ring.put(head)
+    chain = q.pop()
+    assert chain.readable_len == 64 and chain.writable == []
+
+
+def test_buffer_straddling_two_regions(setup):
+    q, ring = setup.queue()
+    g = setup.guest
+    g.write(MiB - 4, b"abcd")
+    g.write(MiB, b"efgh")
+    ring.chain([(MiB - 4, 8, False)])
+    chain = q.pop()
+    assert [bytes(v) for v in chain.readable] == [b"abcd", b"efgh"]
+    assert chain.readable_len == 8
+    assert all(inside_regions(g.mem, v) for v in chain.readable)
+
+
+def test_ring_index_wraps(setup):
+    q, ring = setup.queue(size=4, base=65533)
+    g = setup.guest
+    buf = g.alloc(64)
+    heads = []
+    for _ in range(6):
+        heads.append(ring.chain([(buf, 64, True)]))
+        chain = q.pop()
+        assert chain.head == heads[-1]
+        q.add_used(chain.head, 64)
+        q.flush()
+    assert ring.used[1] == (65533 + 6) & 0xFFFF
+    assert [h for h, _ in ring.get_used()] == heads
+    assert q.last_avail_idx == 3 and not q.broken
+
+
+def test_pop_stops_at_avail_idx_and_resumes(setup):
+    q, ring = setup.queue()
+    buf = setup.guest.alloc(64)
+    h1 = ring.chain([(buf, 64, False)])
+    ring.chain([(buf, 64, False)], publish=False)      # written, not published
+    assert q.pop().head == h1
+    assert q.pop() is None
+    ring.put(1)
+    assert q.pop().head == 1
+
+
+# --------------------------------------------------------------------------
+# Completion and notification
+
+def test_used_idx_is_published_once_per_batch(setup):
+    q, ring = setup.queue(features=0)
+    buf = setup.guest.alloc(64)
+    heads = [ring.chain([(buf, 64, True)]) for _ in range(3)]
+    chains = [q.pop() for _ in range(3)]
+    for c, n in zip(reversed(chains), (10, 20, 30)):   # out of order
+        q.add_used(c.head, n)
+    assert ring.used[1] == 0                           # nothing published yet
+    assert eventfd_count(setup.call[0]) == 0
+    q.flush()
+    assert ring.used[1] == 3
+    assert ring.get_used() == [(heads[2], 10), (heads[1], 20), (heads[0], 30)]
+    assert eventfd_count(setup.call[0]) == 1           # one notification per batch
+    q.flush()                                          # nothing new: nothing happens
+    assert eventfd_count(setup.call[0]) == 0
+    assert q.inuse == 0
+
+
+def test_no_interrupt_flag_without_event_idx(setup):
+    q, ring = setup.queue(features=0)
+    buf = setup.guest.alloc(64)
+    ring.avail[0] = 1                                  # VRING_AVAIL_F_NO_INTERRUPT
+    ring.chain([(buf, 64, True)])
+    q.add_used(q.pop().head, 1)
+    q.flush()
+    assert ring.used[1] == 1 and eventfd_count(setup.call[0]) == 0
+    ring.avail[0] = 0
+    ring.chain([(buf, 64, True)])
+    q.add_used(q.pop().head, 1)
+    q.flush()
+    assert eventfd_count(setup.call[0]) == 1
+
+
+@pytest.mark.parametrize("event, new, old, expected", [
+    (0, 1, 0, True), (0, 0, 0, False), (5, 3, 0, False), (5, 6, 3, True), (5, 5, 3, False),
+    (2, 6, 3, False),                                  # the driver asked earlier: already past
+    (0xFFFF, 0, 0xFFFE, True), (0xFFFE, 1, 0xFFFF, False),  # u16 wrap-around
+    (7, 8, 7, True), (7, 7, 7, False),
+])
+def test_vring_need_event(event, new, old, expected):
+    assert vring_need_event(event, new, old) is expected
+
+
+def test_event_idx_suppression(setup):
+    q, ring = setup.queue(size=16, features=EVENT_IDX)
+    buf = setup.guest.alloc(64)
+    ring.avail[0] = 1        # NO_INTERRUPT is ignored with EVENT_IDX
+    ring.used_event = 4      # "notify me when used idx passes 4"
+
+    def complete(n: int) -> int:
+        for _ in range(n):
+            ring.chain([(buf, 64, True)])
+        for _ in range(n):
+            q.add_used(q.pop().head, 64)
+        q.flush()
+        return eventfd_count(setup.call[0])
+
+    assert complete(3) == 0  # used idx 0 -> 3: 4 not crossed
+    assert complete(3) == 1  # 3 -> 6: crossed (4 in [3, 6))
+    assert complete(1) == 0  # 6 -> 7: event 4 is behind
+    ring.used_event = 7
+    assert complete(1) == 1  # 7 -> 8
+    assert ring.used[1] == 8
+
+
+def test_notify_on_empty(setup):
+    q, ring = setup.queue(features=int(VirtioFeature.NOTIFY_ON_EMPTY))
+    buf = setup.guest.alloc(64)
+    ring.avail[0] = 1
+    ring.chain([(buf, 64, True)])
+    ring.chain([(buf, 64, True)])
+    c1, c2 = q.pop(), q.pop()
+    q.add_used(c1.head, 1)
+    q.flush()
+    assert eventfd_count(setup.call[0]) == 0           # one still in use
+    q.add_used(c2.head, 1)
+    q.flush()
+    assert eventfd_count(setup.call[0]) == 1           # queue ran empty
+
+
+def test_stop_returns_next_avail_and_flushes(setup):
+    q, ring = setup.queue()
+    buf = setup.guest.alloc(64)
+    for _ in range(3):
+        ring.chain([(buf, 64, True)])
+    c1, c2 = q.pop(), q.pop()
+    q.add_used(c1.head, 7)
+    assert q.stop() == 2
+    assert ring.used[1] == 1                           # completed work was published
+    assert q.pop() is None and not q.started
+    q.add_used(c2.head, 1)                             # ignored when stopped
+    q.flush()
+    assert ring.used[1] == 1
+    q.set_base(2)
+    q.start(setup.guest.mem, INDIRECT)
+    assert q.pop().head == 2
+
+
+def test_remap_after_memory_change(setup):
+    q, ring = setup.queue()
+    g = setup.guest
+    buf = g.alloc(64)
+    ring.chain([(buf, 64, True)])
+    g.mem.clear()
+    for r in g.regions:
+        g.mem.add_region(r, os.dup(g.fd))
+    q.remap(g.mem)
+    chain = q.pop()
+    assert chain is not None and not q.broken
+    q.add_used(chain.head, 1)
+    q.flush()
+    assert ring.used[1] == 1
+    # a table without the ring's region breaks the queue, nothing else
+    g.mem.remove_region(g.regions[0])
+    q.remap(g.mem)
+    assert q.broken and "desc" in q.broken_reason
+
+
+def test_start_refuses_unmapped_or_misaligned_rings(setup):
+    from connection.errors import ProtocolError
+    q, ring = setup.queue(start=False)
+    q.set_addresses(VringAddr(0, 0, 0x1234_0000_0000, ring.vring_addr(0).used, ring.vring_addr(0).avail, 0))
+    with pytest.raises(ProtocolError, match="desc"):
+        q.start(setup.guest.mem, 0)
+    a = ring.vring_addr(0)
+    q.set_addresses(a._replace(used=a.used + 2))
+    with pytest.raises(ProtocolError, match="used address .* aligned"):
+        q.start(setup.guest.mem, 0)
+    with pytest.raises(ProtocolError, match="power of two"):
+        q.set_size(3)
+    assert not q.started
+
+
+# --------------------------------------------------------------------------
+# Malicious guests: only the offending queue breaks, once, and nothing
+# outside guest memory is touched.
+
+def _loop(ring, g):
+    buf = g.alloc(64)
+    ring.set_desc(0, buf, 64, DESC_F_NEXT, 1)
+    ring.set_desc(1, buf, 64, DESC_F_NEXT, 0)
+    ring.put(0)
+
+
+def _long_chain(ring, g):  # a chain of size+1 descriptors in an 8-entry ring is a loop
+    buf = g.alloc(64)
+    for i in range(ring.size):
+        ring.set_desc(i, buf, 64, DESC_F_NEXT, (i + 1) % ring.size)
+    ring.put(3)
+
+
+def _indirect_loop(ring, g):
+    buf, table = g.alloc(64), g.alloc(32)
+    tv = g.view(table, 32).cast("Q")
+    DriverRing.write_desc(tv, 0, buf, 64, DESC_F_NEXT, 1)
+    DriverRing.write_desc(tv, 1, buf, 64, DESC_F_NEXT, 0)
+    ring.set_desc(0, table, 32, DESC_F_INDIRECT)
+    ring.put(0)
+
+
+def _nested_indirect(ring, g):
+    buf, inner, outer = g.alloc(64), g.alloc(16), g.alloc(16)
+    DriverRing.write_desc(g.view(inner, 16).cast("Q"), 0, buf, 64, 0)
+    DriverRing.write_desc(g.view(outer, 16).cast("Q"), 0, inner, 16, DESC_F_INDIRECT)
+    ring.set_desc(0, outer, 16, DESC_F_INDIRECT)
+    ring.put(0)
+
+
+def _next_out_of_range(ring, g):
+    ring.set_desc(0, g.alloc(64), 64, DESC_F_NEXT, ring.size)
+    ring.put(0)
+
+
+def _indirect_next_out_of_range(ring, g):
+    buf, table = g.alloc(64), g.alloc(32)
+    DriverRing.write_desc(g.view(table, 32).cast("Q"), 0, buf, 64, DESC_F_NEXT, 2)
+    ring.set_desc(0, table, 32, DESC_F_INDIRECT)
+    ring.put(0)
+
+
+def _avail_jump(ring, g):
+    ring.set_desc(0, g.alloc(64), 64)
+    ring.avail[2] = 0
+    ring.avail[1] = ring.size + 1
+
+
+def _head_out_of_range(ring, g):
+    ring.set_desc(0, g.alloc(64), 64)
+    ring.put(ring.size)
+
+
+def _readable_after_writable(ring, g):
+    buf = g.alloc(64)
+    ring.set_desc(0, buf, 64, DESC_F_WRITE | DESC_F_NEXT, 1)
+    ring.set_desc(1, buf, 64, 0)
+    ring.put(0)
+
+
+def _zero_length(ring, g):
+    buf = g.alloc(64)
+    ring.set_desc(0, buf, 64, DESC_F_NEXT, 1)
+    ring.set_desc(1, buf, 0, DESC_F_WRITE)
+    ring.put(0)
+
+
+def _indirect_and_next(ring, g):
+    buf, table = g.alloc(64), g.alloc(16)
+    DriverRing.write_desc(g.view(table, 16).cast("Q"), 0, buf, 64, 0)
+    ring.set_desc(0, table, 16, DESC_F_INDIRECT | DESC_F_NEXT, 1)
+    ring.set_desc(1, buf, 64, 0)
+    ring.put(0)
+
+
+def _indirect_len_not_multiple(ring, g):
+    table = g.alloc(32)
+    ring.set_desc(0, table, 24, DESC_F_INDIRECT)
+    ring.put(0)
+
+
+def _indirect_len_zero(ring, g):
+    ring.set_desc(0, g.alloc(16), 0, DESC_F_INDIRECT)
+    ring.put(0)
+
+
+def _indirect_table_outside(ring, g):
+    ring.set_desc(0, Guest.END - 8, 16, DESC_F_INDIRECT)
+    ring.put(0)
+
+
+def _buffer_outside(ring, g):
+    ring.set_desc(0, Guest.END + 0x1000, 64, DESC_F_WRITE)
+    ring.put(0)
+
+
+def _buffer_runs_off_memory(ring, g):
+    ring.set_desc(0, Guest.END - 8, 16, DESC_F_WRITE)
+    ring.put(0)
+
+
+def _addr_len_overflow(ring, g):
+    ring.set_desc(0, 2**64 - 0x10, 0x20, DESC_F_WRITE)
+    ring.put(0)
+
+
+def _huge_length(ring, g):
+    ring.set_desc(0, 0x1000, 0xFFFF_FFFF, 0)
+    ring.put(0)
+
+
+MALICIOUS = [
+    (_loop, "longer than"),
+    (_long_chain, "longer than"),
+    (_indirect_loop, "longer than"),
+    (_nested_indirect, "nested"),
+    (_next_out_of_range, "next 8 out of range"),
+    (_indirect_next_out_of_range, "next 2 out of range"),
+    (_avail_jump, "more than the queue size"),
+    (_head_out_of_range, "head 8 out of range"),
+    (_readable_after_writable, "readable descriptor 1 after a writable"),
+    (_zero_length, "length 0"),
+    (_indirect_and_next, "both INDIRECT and NEXT"),
+    (_indirect_len_not_multiple, "multiple of 16"),
+    (_indirect_len_zero, "multiple of 16"),
+    (_indirect_table_outside, "indirect table"),
+    (_buffer_outside, hex(Guest.END + 0x1000)),
+    (_buffer_runs_off_memory, hex(Guest.END - 8)),
+    (_addr_len_overflow, hex(2**64 - 0x10)),
+    (_huge_length, "4294967295"),
+]
+
+
+@pytest.mark.parametrize("attack, reason", MALICIOUS, ids=[f.__name__.strip("_") for f, _ in MALICIOUS])
+def test_malicious_chain_breaks_only_its_queue(setup, caplog, attack, reason):
+    bad, bad_ring = setup.queue(size=8, features=INDIRECT)
+    good, good_ring = setup.queue(size=8, features=INDIRECT)
+    g = setup.guest
+    buf = g.alloc(64)
+    snapshot = bytes(g.hv)
+    attack(bad_ring, g)
+    attack_bytes = bytes(g.hv)
+    caplog.set_level(logging.ERROR, logger="vhost.virtqueue")
+    for _ in range(3):
+        assert bad.pop() is None
+    assert bad.broken
+    records = [r for r in caplog.records if r.name == "vhost.virtqueue"]
+    assert len(records) == 1, records
+    msg = records[0].getMessage()
+    assert "queue 0 broken" in msg and reason in msg and "\n" not in msg
+    assert eventfd_count(setup.err[0]) == 1 and eventfd_count(setup.err[1]) == 0
+    assert bad_ring.used[1] == 0
+    assert setup.run(bad.wait_kick()) is False
+    # the device wrote nothing: not into the guest, not around it
+    assert bytes(g.hv) == attack_bytes
+    assert g.canaries_intact()
+    # the other queue works
+    head = good_ring.chain([(buf, 64, True)])
+    chain = good.pop()
+    assert chain.head == head and not good.broken
+    chain.writable[0][:4] = b"good"
+    good.add_used(chain.head, 4)
+    good.flush()
+    assert good_ring.get_used() == [(head, 4)]
+    assert g.canaries_intact() and snapshot is not None
+
+
+def test_indirect_without_feature_breaks(setup, caplog):
+    q, ring = setup.queue(features=0)
+    buf = setup.guest.alloc(64)
+    ring.chain([(buf, 64, False)], indirect=True)
+    assert q.pop() is None and q.broken
+    assert "INDIRECT_DESC" in q.broken_reason
+
+
+def test_total_length_overflowing_u32_breaks():
+    """Two 3 GiB buffers inside a (sparse) 6 GiB region: each is valid, the
+    chain's total length does not fit the used ring's u32."""
+    fd = os.memfd_create("big-guest", os.MFD_CLOEXEC)
+    os.ftruncate(fd, 6 << 30)
+    mem = GuestMemory()
+    mem.add_region(MemoryRegion(0, 6 << 30, 0x7F00_0000_0000, 0), os.dup(fd))
+    host = mmap.mmap(fd, 1 << 20)
+    loop = uvloop.new_event_loop()
+    q = Virtqueue(0, 8, loop)
+    try:
+        with memoryview(host) as view, view[0:128].cast("Q") as desc, view[128:150].cast("H") as avail:
+            DriverRing.write_desc(desc, 0, 1 << 30, 3 << 30, DESC_F_NEXT, 1)
+            DriverRing.write_desc(desc, 1, 2 << 30, 3 << 30, DESC_F_WRITE)
+            avail[2], avail[1] = 0, 1
+        base = 0x7F00_0000_0000
+        q.set_size(8)
+        q.set_addresses(VringAddr(0, 0, base, base + 0x1000, base + 128, 0))
+        q.start(mem, 0)
+        assert q.pop() is None and q.broken and "overflows u32" in q.broken_reason
+    finally:
+        q.close()
+        loop.close()
+        host.close()
+        mem.clear()
+        os.close(fd)
+
+
+def test_pop_after_break_never_touches_rings(setup):
+    q, ring = setup.queue()
+    q.mark_broken("test")
+    q.mark_broken("again")                             # logged once
+    buf = setup.guest.alloc(64)
+    ring.chain([(buf, 64, True)])
+    assert q.pop() is None
+    assert q.broken_reason == "test"
+
+
+# --------------------------------------------------------------------------
+# Kicks (real eventfds on a uvloop loop)
+
+def test_wait_kick_sleeps_until_kicked_event_idx(setup):
+    q, ring = setup.queue(features=EVENT_IDX)
+    buf = setup.guest.alloc(64)
+
+    async def scenario():
+        assert await q.wait_kick() is True             # start counts as a kick
+        assert q.pop() is None
+        task = asyncio.ensure_future(q.wait_kick())
+        await asyncio.sleep(0.02)
+        assert not task.done()
+        assert ring.avail_event == q.last_avail_idx == 0   # written before sleeping
+        ring.chain([(buf, 64, True)])
+        os.eventfd_write(setup.kick[0], 1)
+        assert await asyncio.wait_for(task, 1) is True
+        assert q.pop() is not None
+        # the kick was consumed from the eventfd
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(setup.kick[0])
+
+    setup.run(scenario())
+
+
+def test_wait_kick_toggles_no_notify_without_event_idx(setup):
+    q, ring = setup.queue(features=0)
+    buf = setup.guest.alloc(64)
+
+    async def scenario():
+        await q.wait_kick()
+        task = asyncio.ensure_future(q.wait_kick())
+        await asyncio.sleep(0.02)
+        assert ring.used[0] == 0                       # kicks wanted while sleeping
+        ring.chain([(buf, 64, True)])
+        os.eventfd_write(setup.kick[0], 1)
+        assert await asyncio.wait_for(task, 1) is True
+        assert ring.used[0] == 1                       # NO_NOTIFY while busy
+
+    setup.run(scenario())
+
+
+def test_wait_kick_sees_work_published_before_sleep(setup):
+    q, ring = setup.queue(features=EVENT_IDX)
+    buf = setup.guest.alloc(64)
+
+    async def scenario():
+        await q.wait_kick()
+        ring.chain([(buf, 64, True)])                  # no kick at all
+        assert await asyncio.wait_for(q.wait_kick(), 1) is True
+        assert q.pop() is not None
+
+    setup.run(scenario())
+
+
+def test_polling_finds_work_without_a_kick(setup):
+    """A driver thread publishes during the poll window and never kicks."""
+    q, ring = setup.queue(features=EVENT_IDX)
+    buf = setup.guest.alloc(64)
+    q.poll_max_ns = q.poll_ns = 2_000_000_000          # a long window for the test
+
+    async def scenario():
+        await q.wait_kick()
+        t = threading.Timer(0.02, lambda: ring.chain([(buf, 64, True)]))
+        t.start()
+        t0 = time.monotonic()
+        assert await asyncio.wait_for(q.wait_kick(), 5) is True
+        t.join()
+        assert time.monotonic() - t0 < 1.5
+        assert q.pop() is not None
+        assert eventfd_count(setup.kick[0]) == 0
+
+    setup.run(scenario())
+
+
+def test_poll_window_adapts(setup):
+    q, ring = setup.queue(features=EVENT_IDX)
+    buf = setup.guest.alloc(64)
+
+    async def scenario():
+        await q.wait_kick()
+        assert q.poll_ns == 0
+        # a kick that comes quickly: polling would have caught it -> grow
+        setup.loop.call_soon(lambda: (ring.chain([(buf, 64, True)]), os.eventfd_write(setup.kick[0], 1)))
+        await q.wait_kick()
+        assert 0 < q.poll_ns <= q.poll_max_ns
+        assert q.pop() is not None
+        # a long idle sleep -> polling off
+        setup.loop.call_later(0.01, lambda: os.eventfd_write(setup.kick[0], 1))
+        await q.wait_kick()
+        assert q.poll_ns == 0
+
+    setup.run(scenario())
+
+
+def test_stop_and_break_wake_waiters(setup):
+    q0, _ = setup.queue()
+    q1, _ = setup.queue()
+
+    async def scenario():
+        await q0.wait_kick()
+        await q1.wait_kick()
+        t0 = asyncio.ensure_future(q0.wait_kick())
+        t1 = asyncio.ensure_future(q1.wait_kick())
+        await asyncio.sleep(0.01)
+        q0.stop()
+        q1.mark_broken("test")
+        assert await asyncio.wait_for(t0, 1) is False
+        assert await asyncio.wait_for(t1, 1) is False
+        assert await q0.wait_kick() is False
+
+    setup.run(scenario())
+
+
+def test_inband_kick_and_nofd_polling(setup):
+    q, ring = setup.queue(features=EVENT_IDX)
+    buf = setup.guest.alloc(64)
+
+    async def scenario():
+        await q.wait_kick()
+        setup.loop.call_later(0.01, q.kick)            # VRING_KICK in-band
+        assert await asyncio.wait_for(q.wait_kick(), 1) is True
+        q.set_kick_fd(None)                            # NOFD: the ring is polled
+        await q.wait_kick()                            # (a new kick fd counts as a kick)
+        setup.loop.call_later(0.01, lambda: ring.chain([(buf, 64, True)]))
+        assert await asyncio.wait_for(q.wait_kick(), 1) is True
+        assert q.pop() is not None
+
+    setup.run(scenario())
+
+
+def test_device_loop_end_to_end(setup):
+    """The loop a device runs: wait_kick, pop until empty, complete, flush."""
+    q, ring = setup.queue(size=64, features=EVENT_IDX | INDIRECT)
+    g = setup.guest
+    bufs = [g.alloc(512) for _ in range(8)]
+    served: list[int] = []
+
+    async def device():
+        while await q.wait_kick():
+            while (chain := q.pop()) is not None:
+                chain.writable[0][:1] = b"\x01"
+                served.append(chain.head)
+                q.add_used(chain.head, 1)
+            q.flush()
+
+    async def driver():
+        heads = []
+        for k in range(40):
+            heads.append(ring.chain([(bufs[k % 8], 16, False), (bufs[(k + 1) % 8], 1, True)],
+                                    indirect=bool(k % 2)))
+            if vring_need_event(ring.avail_event, ring.avail[1], (ring.avail[1] - 1) & 0xFFFF):
+                os.eventfd_write(setup.kick[0], 1)
+            await asyncio.sleep(0)
+        deadline = time.monotonic() + 2
+        done = []
+        while len(done) < 40 and time.monotonic() < deadline:
+            done += ring.get_used()
+            await asyncio.sleep(0.001)
+        q.stop()
+        return heads, done
+
+    async def main():
+        task = asyncio.ensure_future(device())
+        heads, done = await driver()
+        await asyncio.wait_for(task, 1)
+        return heads, done
+
+    heads, done = setup.run(main())
+    assert [h for h, _ in done] == heads == served
+
+
+# --------------------------------------------------------------------------
+# Property: whatever the guest writes, pop() returns chains inside guest
+# memory or breaks the queue; nothing escapes.
+
+ADDRS = st.one_of(
+    st.sampled_from([0, 0x40, MiB - 16, MiB - 8, MiB, 2 * MiB - 64, 2 * MiB - 8, 2 * MiB,
+                     2 * MiB + 0x1000, 2**63, 2**64 - 16]),
+    st.integers(0, 2 * MiB + 4096),
+    st.integers(0, 2**64 - 1),
+)
+LENS = st.one_of(st.sampled_from([0, 1, 8, 15, 16, 32, 48, 64, 4096, 0xFFFF_FFFF]), st.integers(0, 2**32 - 1))
+DESCS = st.tuples(ADDRS, LENS, st.integers(0, 7), st.integers(0, 20))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(size=st.sampled_from([1, 2, 4, 8, 16]),
+       descs=st.lists(DESCS, min_size=16, max_size=16),
+       table=st.lists(DESCS, min_size=8, max_size=8),
+       heads=st.lists(st.integers(0, 20), min_size=16, max_size=16),
+       avail_idx=st.integers(0, 0xFFFF),
+       base=st.integers(0, 0xFFFF),
+       features=st.sampled_from([0, INDIRECT, INDIRECT | EVENT_IDX]))
+def test_pop_never_escapes_guest_memory(size, descs, table, heads, avail_idx, base, features):
+    s = Setup()
+    try:
+        g = s.guest
+        ring = DriverRing(g, size, base)
+        table_gpa = 0x8000          # a guest-written indirect table the descriptors may point at
+        tv = g.view(table_gpa, 128).cast("Q")
+        for k, (a, n, f, nx) in enumerate(table):
+            DriverRing.write_desc(tv, k, a, n, f, nx)
+        tv.release()
+        for k in range(size):
+            a, n, f, nx = descs[k]
+            if f & DESC_F_INDIRECT and k % 2:
+                a = table_gpa        # make some indirect descriptors point at the table
+                n = (n % 9) * 16
+            ring.set_desc(k, a, n, f, nx)
+        for k in range(size):
+            ring.avail[2 + k] = heads[k]
+        ring.avail[1] = avail_idx
+        q = Virtqueue(0, 64, s.loop)
+        q.set_size(size)
+        q.set_addresses(ring.vring_addr(0))
+        q.set_base(base)
+        q.start(g.mem, features)
+        s.queues.append(q)
+        s.rings.append(ring)
+        before = bytes(g.hv)
+        popped = 0
+        for _ in range(size + 2):
+            chain = q.pop()                  # must never raise
+            if chain is None:
+                break
+            popped += 1
+            assert 0 <= chain.head < size
+            assert chain.readable_len == sum(map(len, chain.readable))
+            assert chain.writable_len == sum(map(len, chain.writable))
+            assert chain.readable_len + chain.writable_len <= 0xFFFF_FFFF
+            for v in chain.readable + chain.writable:
+                assert len(v) > 0 and inside_regions(g.mem, v)
+        pending = (avail_idx - base) & 0xFFFF
+        assert q.broken or popped == min(pending, size + 2) or pending > size
+        if pending > size:
+            assert q.broken
+        assert bytes(g.hv) == before and g.canaries_intact()
+    finally:
+        s.close()
