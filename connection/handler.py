@@ -59,8 +59,9 @@ GENERIC_PROTOCOL_FEATURES = int(ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
 DEVICE_PROTOCOL_FEATURES = int(ProtocolFeature.CONFIG)
 
 #: Virtio bits never offered whatever the device says: the rings are split
-#: rings only, and dirty logging (LOG_ALL/LOG_SHMFD) is not implemented.
-_NEVER_OFFERED = int(VirtioFeature.RING_PACKED | VirtioFeature.LOG_ALL)
+#: rings only, dirty logging (LOG_ALL/LOG_SHMFD) is not implemented, and
+#: neither is the IOTLB that ACCESS_PLATFORM would make every address go through.
+_NEVER_OFFERED = int(VirtioFeature.RING_PACKED | VirtioFeature.LOG_ALL | VirtioFeature.ACCESS_PLATFORM)
 _F_PROTOCOL_FEATURES = int(VirtioFeature.PROTOCOL_FEATURES)
 
 #: How many fds each request may carry (anything else is refused); requests
@@ -212,7 +213,10 @@ class DeviceRequestHandler(Backend):
     # helpers
 
     def _new_queues(self) -> list[Virtqueue]:
-        return [Virtqueue(i, int(self.device.max_queue_size), self.ex.loop) for i in range(self.num_queues)]
+        # The device's name (when it has one) tags the queues' log lines.
+        name = str(getattr(self.device, "name", "") or "")
+        return [Virtqueue(i, int(self.device.max_queue_size), self.ex.loop, name=name)
+                for i in range(self.num_queues)]
 
     def _queue(self, msg: Message, index: int) -> Virtqueue:
         if not 0 <= index < self.num_queues:
@@ -313,7 +317,10 @@ class DeviceRequestHandler(Backend):
         if unknown:
             raise ProtocolError(f"SET_FEATURES: bits {unknown:#x} were not offered "
                                 f"(features {features:#x}, offered {self.offered_features():#x})")
-        self.device.ack_features(features & ~_F_PROTOCOL_FEATURES)
+        try:
+            self.device.ack_features(features & ~_F_PROTOCOL_FEATURES)
+        except ValueError as e:
+            raise ProtocolError(f"SET_FEATURES: device refused features {features:#x}: {e}") from e
         self.acked_features = features
         if not features & _F_PROTOCOL_FEATURES:
             for queue in self.queues:

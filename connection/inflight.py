@@ -183,10 +183,6 @@ class InflightQueue:
         self.counter = q[3 + 2 * heads[-1]] + 1 if heads else 0
         return heads
 
-    def release(self) -> None:
-        for v in (self._q, self._h, self._b):
-            v.release()
-
 
 class InflightRegion:
     """The shared buffer of GET/SET_INFLIGHT_FD: ``num_queues`` regions of
@@ -268,12 +264,9 @@ class InflightRegion:
         return q
 
     def close(self) -> None:
-        """Unmap (as soon as no queue uses it) and close the fd (idempotent)."""
-        for q in self._queues.values():
-            try:
-                q.release()
-            except BufferError:
-                pass
+        """Close the fd and unmap (idempotent).  A queue still holding its
+        ``InflightQueue`` keeps the mapping alive and valid until it drops
+        it: closing never leaves a device writing through a released view."""
         self._queues.clear()
         if self._view is not None:
             self._view.release()

@@ -87,8 +87,9 @@ class GuestMemory:
     """The guest's memory as the front-end shared it.
 
     ``gpa``/``qva`` are the hot path: a tuple scan of ``(start, end, view,
-    offset)`` entries with a one-entry cache of the last region hit (a block
-    request's buffers nearly always live in the same region).
+    offset)`` entries with a one-entry cache of the last region hit (a
+    block request's buffers nearly always live in the same region).  The
+    virtqueue reads ``_gpa_last`` directly to translate inline.
     """
 
     def __init__(self, max_regions: int = MAX_MEM_SLOTS) -> None:

@@ -18,6 +18,7 @@ UNSUPP); only a chain with no writable byte for the status breaks its queue.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import logging
 import mmap
@@ -72,6 +73,8 @@ MAX_WRITE_ZEROES_SECTORS = 0xFFFFFFFF
 MAX_WRITE_ZEROES_SEG = 32
 #: Requests served before the used index is published even if more wait.
 MAX_BATCH = 64
+#: I/O threads per device with direct=true.
+DIRECT_IO_THREADS = 8
 #: Bytes moved before the used index is published even if more requests wait.
 FLUSH_BYTES = int(os.environ.get("VHS_BLK_FLUSH_BYTES", 64 << 10))
 SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
@@ -96,7 +99,8 @@ class BlockDevice(QueueTaskDevice):
 
     def __init__(self, ex: Executor, name: str, fd: int, size: int, *, read_only: bool = False,
                  sparse: bool = True, direct: bool = False, block_size: int = SECTOR_SIZE,
-                 num_queues: int = 1, disk_id: bytes | None = None) -> None:
+                 num_queues: int = 1, disk_id: bytes | None = None,
+                 io_threads: int | None = None) -> None:
         super().__init__(ex, name)
         self.fd = fd
         self.size = size - size % SECTOR_SIZE  # bytes the guest may address
@@ -111,6 +115,13 @@ class BlockDevice(QueueTaskDevice):
         self.writethrough = True
         self._warned: set[int] = set()
         self._config = self._build_config()
+        #: With O_DIRECT every request waits for the disk, so requests go to
+        #: a few threads and complete out of order; page-cached I/O is
+        #: cheaper served inline than handed to a thread.
+        self.io_threads = (io_threads if io_threads is not None
+                           else (DIRECT_IO_THREADS if direct else 0))
+        self._threads: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pooled: dict[int, _PooledQueue] = {}
 
     # ---------------------------------------------------------------- virtio
 
@@ -152,7 +163,30 @@ class BlockDevice(QueueTaskDevice):
         return data + bytes(size - len(data))
 
     def start_queue(self, index: int, queue: Any, mem: Any) -> None:
-        self._spawn(index, queue, self._serve(index, queue))
+        if self.io_threads:
+            pooled = _PooledQueue(self, index, queue)
+            self._spawn(index, queue, pooled.serve())  # stops an older one first
+            self._pooled[index] = pooled
+        else:
+            self._spawn(index, queue, self._serve(index, queue))
+
+    def stop_queue(self, index: int) -> None:
+        super().stop_queue(index)
+        pooled = self._pooled.pop(index, None)
+        if pooled is not None:
+            pooled.stop()
+
+    def reset(self) -> None:
+        super().reset()
+        for index in list(self._pooled):
+            self.stop_queue(index)
+
+    def _pool(self) -> concurrent.futures.ThreadPoolExecutor | None:
+        """The I/O threads, made on first use (in the child, after the jail)."""
+        if self._threads is None and self.io_threads:
+            self._threads = concurrent.futures.ThreadPoolExecutor(
+                self.io_threads, thread_name_prefix=f"{self.name}-io")
+        return self._threads
 
     # ------------------------------------------------------------- hot path
 
@@ -465,6 +499,109 @@ class BlockDevice(QueueTaskDevice):
         done = 0
         while done < length:
             done += os.pwrite(self.fd, view[:min(len(chunk), length - done)], offset + done)
+
+
+class _PooledQueue:
+    """One queue served through the device's I/O threads (direct=true).
+
+    The loop pops and submits; each request runs ``BlockDevice._handle`` in
+    a thread (the status byte is stored there); completions come back to the
+    loop, which adds them to the used ring and publishes once per loop
+    iteration.  ``stop`` waits for the requests still running, so no thread
+    touches guest memory after ``stop_queue`` returns, and completes them
+    into the ring before the handler stops it.
+    """
+
+    def __init__(self, dev: BlockDevice, qi: int, queue: Any) -> None:
+        self.dev = dev
+        self.qi = qi
+        self.queue = queue
+        self.loop = dev.ex.loop
+        self.running: dict[concurrent.futures.Future, int] = {}
+        self.active = True
+        self._flush_scheduled = False
+
+    async def serve(self) -> None:
+        queue = self.queue
+        pop = queue.pop
+        handle = self.dev._handle
+        qi = self.qi
+        while await queue.wait_kick():
+            chain = pop()
+            while chain is not None:
+                nxt = pop()
+                if nxt is None:
+                    # The last request of the batch runs here while the
+                    # threads run the others: at queue depth 1 there is no
+                    # thread hand-off at all.
+                    written = handle(chain, qi)
+                    if written < 0:
+                        queue.mark_broken("block request without a status byte")
+                        return
+                    queue.add_used(chain.head, written)
+                    queue.flush()
+                    break
+                self._submit(chain)
+                chain = nxt
+
+    def _submit(self, chain: Any) -> None:
+        pool = self.dev._pool()
+        try:
+            fut = pool.submit(self.dev._handle, chain, self.qi)  # type: ignore[union-attr]
+        except RuntimeError:  # no threads here (rlimit, policy): serve inline
+            log.warning("device=%s queue=%d cannot start I/O threads; serving inline",
+                        self.dev.name, self.qi)
+            self._complete(chain.head, self.dev._handle(chain, self.qi))
+            return
+        self.running[fut] = chain.head
+        fut.add_done_callback(self._done_in_thread)
+
+    def _done_in_thread(self, fut: concurrent.futures.Future) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._done, fut)
+        except RuntimeError:  # loop closed: stop() already accounted for it
+            pass
+
+    def _done(self, fut: concurrent.futures.Future) -> None:
+        head = self.running.pop(fut, None)
+        if head is None or not self.active:
+            return
+        try:
+            written = fut.result()
+        except Exception as exc:  # noqa: BLE001 - a bug, not the guest: break this queue
+            log.error("device=%s queue=%d request failed: %r", self.dev.name, self.qi, exc)
+            written = -1
+        self._complete(head, written)
+
+    def _complete(self, head: int, written: int) -> None:
+        if written < 0:
+            self.queue.mark_broken("block request without a status byte")
+            return
+        self.queue.add_used(head, written)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self.active:
+            self.queue.flush()
+
+    def stop(self) -> None:
+        """Wait for the running requests and complete them into the ring."""
+        self.active = False
+        running = dict(self.running)
+        self.running.clear()
+        if running:
+            concurrent.futures.wait(list(running))
+        for fut, head in running.items():
+            try:
+                written = fut.result()
+            except Exception:  # noqa: BLE001
+                written = -1
+            if written >= 0:
+                self.queue.add_used(head, written)
+        self.queue.flush()
 
 
 def _skip(views: list, count: int) -> list:

@@ -134,19 +134,26 @@ def _connection(args: argparse.Namespace) -> VhostUserConnection:
 
 def _install_signals(ex: Executor) -> None:
     """SIGTERM/SIGINT cancel every task: the connection's clean-up runs
-    (queues stopped, socket closed) and ``run_device`` returns.  A second
-    signal exits at once."""
+    (queues stopped, socket closed) and ``run_device`` returns.  A plain
+    handler that only queues a callback works whether or not the loop is
+    running yet (a signal can arrive between bind and the loop's start).
+    A second signal exits at once."""
     loop = ex.loop
+    received: list[int] = []
 
-    def stop(signame: str) -> None:
-        log.info("%s received; exiting", signame)
+    def stop() -> None:
         for task in asyncio.all_tasks(loop):
             task.cancel()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, os._exit, 0)
+
+    def handler(signum: int, frame: object) -> None:
+        if received:
+            os._exit(0)
+        received.append(signum)
+        log.info("%s received; exiting", signal.Signals(signum).name)
+        loop.call_soon_threadsafe(stop)
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop, sig.name)
+        signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,7 @@ class ConfigError(ValueError):
             where.append(f"device {device!r}")
         if key:
             where.append(f"key {key!r}")
-        super().__init__(("; ".join(where) + ": " if where else "") + message)
+        super().__init__((", ".join(where) + ": " if where else "") + message)
 
 
 @dataclass

@@ -169,6 +169,7 @@ class Supervisor:
         slot.backoff_until = None
         slot.want_running = True
         keep = list(slot.builder.keep_fds()) + [slot.listener.fileno()]
+        t0 = time.monotonic()
         try:
             child = spawn_child(name=slot.name, conn=slot.listener, builder=slot.builder, keep_fds=keep,
                                 sandboxed=not self.cfg.disable_sandbox,
@@ -197,6 +198,7 @@ class Supervisor:
             self.loop.add_reader(vfd, self._on_violation, slot, child)
         child.violation = None  # type: ignore[attr-defined]
         logs.event(slot.name, "spawn", pid=child.device_pid, restarts=slot.restarts,
+                   spawn_ms=round((time.monotonic() - t0) * 1000, 1),
                    **({"forwarder": child.pid} if child.device_pid != child.pid else {}))
         self._changed_now()
 

@@ -233,7 +233,7 @@ def _drain(sock: socket.socket) -> None:
             return
 
 
-@settings(max_examples=150, deadline=None,
+@settings(max_examples=300, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(prefix=st.booleans(), messages=st.lists(message(), min_size=1, max_size=12),
        memory=guest_memory(), kick_after=st.booleans())

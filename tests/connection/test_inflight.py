@@ -303,3 +303,16 @@ def test_inconsistent_region_is_refused(crash_setup):
     with pytest.raises(ProtocolError, match="queue_size 4"):
         q.start(s.guest.mem, 0)
     raw.close()
+
+
+def test_closing_the_region_under_a_running_queue_is_safe(crash_setup):
+    s = crash_setup
+    region = InflightRegion.create(1, 8)
+    q, ring = s.queue(size=8, inflight=region.queue(0))
+    buf = s.guest.alloc(64)
+    ring.chain([(buf, 64, True)])
+    chain = q.pop()
+    region.close()                                          # e.g. a new SET_INFLIGHT_FD
+    q.add_used(chain.head, 1)
+    q.flush()                                               # still a valid mapping: no error
+    assert ring.used[1] == 1 and not q.broken

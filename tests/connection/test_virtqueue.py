@@ -15,7 +15,7 @@ import time
 
 import pytest
 import uvloop
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from connection.inflight import InflightQueue
@@ -75,10 +75,17 @@ class Guest:
         return self.hv[o:o + length]
 
     def write(self, gpa: int, data: bytes) -> None:
-        self.view(gpa, len(data))[:] = data
+        """Write guest memory (split at the A/B boundary, like the guest sees it)."""
+        cut = max(0, min(len(data), MiB - gpa)) if gpa < MiB else 0
+        if cut:
+            self.view(gpa, cut)[:] = data[:cut]
+        if cut < len(data):
+            self.view(gpa + cut, len(data) - cut)[:] = data[cut:]
 
     def read(self, gpa: int, length: int) -> bytes:
-        return bytes(self.view(gpa, length))
+        cut = max(0, min(length, MiB - gpa)) if gpa < MiB else 0
+        return (bytes(self.view(gpa, cut)) if cut else b"") + \
+            (bytes(self.view(gpa + cut, length - cut)) if cut < length else b"")
 
     def alloc(self, size: int, align: int = 16) -> int:
         gpa = (self._next + align - 1) & ~(align - 1)
@@ -649,7 +656,6 @@ def test_malicious_chain_breaks_only_its_queue(setup, caplog, attack, reason):
     good, good_ring = setup.queue(size=8, features=INDIRECT)
     g = setup.guest
     buf = g.alloc(64)
-    snapshot = bytes(g.hv)
     attack(bad_ring, g)
     attack_bytes = bytes(g.hv)
     caplog.set_level(logging.ERROR, logger="vhost.virtqueue")
@@ -674,7 +680,7 @@ def test_malicious_chain_breaks_only_its_queue(setup, caplog, attack, reason):
     good.add_used(chain.head, 4)
     good.flush()
     assert good_ring.get_used() == [(head, 4)]
-    assert g.canaries_intact() and snapshot is not None
+    assert g.canaries_intact()
 
 
 def test_indirect_without_feature_breaks(setup, caplog):
@@ -713,14 +719,34 @@ def test_total_length_overflowing_u32_breaks():
         os.close(fd)
 
 
-def test_pop_after_break_never_touches_rings(setup):
+def test_broken_queue_never_touches_rings(setup, caplog):
     q, ring = setup.queue()
-    q.mark_broken("test")
-    q.mark_broken("again")                             # logged once
     buf = setup.guest.alloc(64)
     ring.chain([(buf, 64, True)])
+    chain = q.pop()
+    caplog.set_level(logging.ERROR, logger="vhost.virtqueue")
+    q.mark_broken("test")
+    q.mark_broken("again")                             # logged once
+    assert [r.getMessage() for r in caplog.records] == ["queue 0 broken: test"]
+    ring.chain([(buf, 64, True)])
+    before = bytes(setup.guest.hv)
     assert q.pop() is None
+    q.add_used(chain.head, 1)                          # dropped, as QEMU does
+    q.flush()
+    assert q.stop() == 1
+    assert bytes(setup.guest.hv) == before and ring.used[1] == 0
     assert q.broken_reason == "test"
+    q.set_base(1)
+    q.start(setup.guest.mem, INDIRECT)                 # a restart clears it
+    assert not q.broken and q.pop() is not None
+
+
+def test_device_name_in_log_line(setup, caplog):
+    q = Virtqueue(3, 256, setup.loop, name="blk0")
+    caplog.set_level(logging.ERROR, logger="vhost.virtqueue")
+    q.mark_broken("why")
+    assert caplog.records[0].getMessage() == "device=blk0 queue 3 broken: why"
+    q.close()
 
 
 # --------------------------------------------------------------------------
@@ -801,6 +827,7 @@ def test_polling_finds_work_without_a_kick(setup):
 def test_poll_window_adapts(setup):
     q, ring = setup.queue(features=EVENT_IDX)
     buf = setup.guest.alloc(64)
+    q.poll_max_ns = 500_000_000       # generous bounds: the test machine may be loaded
 
     async def scenario():
         await q.wait_kick()
@@ -809,9 +836,14 @@ def test_poll_window_adapts(setup):
         setup.loop.call_soon(lambda: (ring.chain([(buf, 64, True)]), os.eventfd_write(setup.kick[0], 1)))
         await q.wait_kick()
         assert 0 < q.poll_ns <= q.poll_max_ns
+        grown = q.poll_ns
         assert q.pop() is not None
+        setup.loop.call_soon(lambda: os.eventfd_write(setup.kick[0], 1))
+        await q.wait_kick()
+        assert q.poll_ns == min(2 * grown, q.poll_max_ns)
         # a long idle sleep -> polling off
-        setup.loop.call_later(0.01, lambda: os.eventfd_write(setup.kick[0], 1))
+        q.poll_max_ns = q.poll_ns = 1_000_000
+        setup.loop.call_later(0.05, lambda: os.eventfd_write(setup.kick[0], 1))
         await q.wait_kick()
         assert q.poll_ns == 0
 
@@ -852,6 +884,36 @@ def test_inband_kick_and_nofd_polling(setup):
         assert q.pop() is not None
 
     setup.run(scenario())
+
+
+def test_kick_fd_is_watched_only_while_started(setup):
+    q, ring = setup.queue()
+
+    async def settle():
+        for _ in range(5):
+            await asyncio.sleep(0.001)
+
+    os.eventfd_write(setup.kick[0], 1)
+    setup.run(settle())
+    assert eventfd_count(setup.kick[0]) == 0          # drained on the loop
+    q.stop()
+    os.eventfd_write(setup.kick[0], 1)
+    setup.run(settle())
+    assert eventfd_count(setup.kick[0]) == 1          # nobody reads a stopped queue's fd
+
+
+def test_call_hook_without_call_fd(setup):
+    q, ring = setup.queue(features=0)
+    calls = []
+    q.set_call_fd(None)
+    q.call_hook = lambda: calls.append(q.index)
+    buf = setup.guest.alloc(64)
+    ring.chain([(buf, 64, True)])
+    q.add_used(q.pop().head, 1)
+    q.flush()
+    assert calls == [0]
+    q.notify()
+    assert calls == [0, 0]
 
 
 def test_device_loop_end_to_end(setup):
@@ -900,24 +962,28 @@ def test_device_loop_end_to_end(setup):
 # memory or breaks the queue; nothing escapes.
 
 ADDRS = st.one_of(
+    st.integers(0, 2 * MiB - 1),
     st.sampled_from([0, 0x40, MiB - 16, MiB - 8, MiB, 2 * MiB - 64, 2 * MiB - 8, 2 * MiB,
                      2 * MiB + 0x1000, 2**63, 2**64 - 16]),
-    st.integers(0, 2 * MiB + 4096),
     st.integers(0, 2**64 - 1),
 )
-LENS = st.one_of(st.sampled_from([0, 1, 8, 15, 16, 32, 48, 64, 4096, 0xFFFF_FFFF]), st.integers(0, 2**32 - 1))
-DESCS = st.tuples(ADDRS, LENS, st.integers(0, 7), st.integers(0, 20))
+LENS = st.one_of(st.integers(1, 4096), st.sampled_from([0, 1, 8, 15, 16, 32, 48, 64, 0xFFFF_FFFF]),
+                 st.integers(0, 2**32 - 1))
+FLAGS = st.one_of(st.sampled_from([0, DESC_F_WRITE, DESC_F_NEXT, DESC_F_NEXT | DESC_F_WRITE]), st.integers(0, 7))
+NEXTS = st.one_of(st.integers(0, 3), st.integers(0, 20))
+DESCS = st.tuples(ADDRS, LENS, FLAGS, NEXTS)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(size=st.sampled_from([1, 2, 4, 8, 16]),
        descs=st.lists(DESCS, min_size=16, max_size=16),
        table=st.lists(DESCS, min_size=8, max_size=8),
        heads=st.lists(st.integers(0, 20), min_size=16, max_size=16),
-       avail_idx=st.integers(0, 0xFFFF),
+       avail_delta=st.one_of(st.integers(0, 4), st.integers(0, 18), st.integers(0, 0xFFFF)),
        base=st.integers(0, 0xFFFF),
        features=st.sampled_from([0, INDIRECT, INDIRECT | EVENT_IDX]))
-def test_pop_never_escapes_guest_memory(size, descs, table, heads, avail_idx, base, features):
+def test_pop_never_escapes_guest_memory(size, descs, table, heads, avail_delta, base, features):
+    avail_idx = (base + avail_delta) & 0xFFFF
     s = Setup()
     try:
         g = s.guest
@@ -932,9 +998,9 @@ def test_pop_never_escapes_guest_memory(size, descs, table, heads, avail_idx, ba
             if f & DESC_F_INDIRECT and k % 2:
                 a = table_gpa        # make some indirect descriptors point at the table
                 n = (n % 9) * 16
-            ring.set_desc(k, a, n, f, nx)
+            ring.set_desc(k, a, n, f, nx if nx >= 16 else nx % size)   # mostly in range
         for k in range(size):
-            ring.avail[2 + k] = heads[k]
+            ring.avail[2 + k] = heads[k] if heads[k] >= 16 else heads[k] % size
         ring.avail[1] = avail_idx
         q = Virtqueue(0, 64, s.loop)
         q.set_size(size)
@@ -956,10 +1022,58 @@ def test_pop_never_escapes_guest_memory(size, descs, table, heads, avail_idx, ba
             assert chain.readable_len + chain.writable_len <= 0xFFFF_FFFF
             for v in chain.readable + chain.writable:
                 assert len(v) > 0 and inside_regions(g.mem, v)
+        event(f"popped {min(popped, 3)}{'+' if popped >= 3 else ''} chains, "
+              f"{'then broken' if q.broken else 'queue healthy'}")
         pending = (avail_idx - base) & 0xFFFF
         assert q.broken or popped == min(pending, size + 2) or pending > size
         if pending > size:
             assert q.broken
         assert bytes(g.hv) == before and g.canaries_intact()
+    finally:
+        s.close()
+
+
+BUF = st.tuples(st.integers(0x20000, 2 * MiB - 1), st.integers(1, 3000))  # rings and tables live below
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(chains=st.lists(st.tuples(st.lists(BUF, max_size=3), st.lists(BUF, max_size=3), st.booleans()),
+                       min_size=1, max_size=6),
+       base=st.integers(0, 0xFFFF))
+def test_valid_chains_are_returned_exactly(chains, base):
+    """Random well-formed chains (direct or indirect, buffers anywhere in
+    memory, straddling A/B allowed) come back with exactly their bytes."""
+    s = Setup()
+    try:
+        q, ring = s.queue(size=32, features=INDIRECT, base=base)
+        g = s.guest
+        expected = []
+        for n, (rd, wr, indirect) in enumerate(chains):
+            rd = [(min(a, 2 * MiB - ln), ln) for a, ln in rd]
+            wr = [(min(a, 2 * MiB - ln), ln) for a, ln in wr]
+            if not rd and not wr:
+                wr = [(0x20000, 1)]
+            bufs = [(a, ln, False) for a, ln in rd] + [(a, ln, True) for a, ln in wr]
+            contents = []
+            for k, (a, ln, _) in enumerate(bufs):
+                data = bytes([(n * 7 + k) % 251 + 1]) * ln
+                g.write(a, data)             # later buffers may overlap earlier ones
+                contents.append((a, ln))
+            head = ring.chain(bufs, indirect=indirect and len(bufs) > 0)
+            expected.append((head, rd, wr))
+        for head, rd, wr in expected:
+            chain = q.pop()
+            assert chain is not None, q.broken_reason
+            assert chain.head == head
+            assert b"".join(chain.readable) == b"".join(g.read(a, ln) for a, ln in rd)
+            assert b"".join(chain.writable) == b"".join(g.read(a, ln) for a, ln in wr)
+            assert chain.readable_len == sum(ln for _, ln in rd)
+            assert chain.writable_len == sum(ln for _, ln in wr)
+            assert all(inside_regions(g.mem, v) for v in chain.readable + chain.writable)
+            q.add_used(chain.head, chain.writable_len)
+        assert q.pop() is None and not q.broken
+        q.flush()
+        assert [h for h, _ in ring.get_used()] == [h for h, _, _ in expected]
+        assert g.canaries_intact()
     finally:
         s.close()

@@ -270,3 +270,36 @@ def test_direct_io(ex, tmp_path):
     assert bytes(rbuf[1:4097]) == data
     b.close()
     assert path.read_bytes()[16 * 512:16 * 512 + 4096] == data
+
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rtype=st.sampled_from([T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES, 3, 10, 0xFFFFFFFF]),
+       sector=st.one_of(st.integers(0, SIZE // 512 + 4), st.integers(0, (1 << 64) - 1)),
+       split=st.integers(0, 16),
+       readable=st.lists(st.integers(1, 3000), max_size=4),
+       writable=st.lists(st.integers(1, 3000), max_size=4),
+       payload=st.binary(max_size=64))
+def test_fuzz_never_raises(tmp_path_factory, rtype, sector, split, readable, writable, payload):
+    """Whatever the guest puts in a chain, the device answers with a status
+    (or breaks the queue when there is no status byte) and never raises."""
+    if not hasattr(test_fuzz_never_raises, "dev"):
+        path = tmp_path_factory.mktemp("fuzz") / "disk.img"
+        path.write_bytes(bytes(SIZE))
+        ex = Executor()
+        b = BlockBuilder.from_options("fuzz", {"path": str(path), "lock": "false"})
+        test_fuzz_never_raises.dev = b.build(ex)
+        test_fuzz_never_raises.dev.ack_features(test_fuzz_never_raises.dev.features())
+    dev = test_fuzz_never_raises.dev
+    head = (hdr(rtype, sector) + payload)
+    rviews = views(*( [head[:split], head[split:]] if 0 < split < len(head) else [head])) + views(*readable)
+    wviews = views(*writable)
+    chain = FakeChain(3, rviews, wviews)
+    written = dev._handle(chain, 0)
+    if not writable:
+        assert written == -1
+    else:
+        assert 1 <= written <= chain.writable_len
+        assert wviews[-1][-1] in (S_OK, S_IOERR, S_UNSUPP)

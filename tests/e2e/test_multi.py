@@ -47,10 +47,10 @@ def test_one_supervisor_three_devices(make_qemu, workdir):
             }
         )
         res = q.run(script, {"pattern": data}, timeout=90)
-        # same children served the whole run: nothing crashed under the guest
-        assert {n: sup.device_pid(n) for n in socks} == pids
     finally:
         sup.stop()
+    # each child ended only because QEMU quit (or we stopped it): nothing crashed under the guest
+    assert not sup.abnormal_exits(), sup.abnormal_exits()
     gs.check_write_verify(res.sub("rw_"), rw_img, offset, data, 32 * MiB)
     ro = res.sub("ro_")
     assert ro.int("ro") == 1 and ro.int("write_rc") != 0, ro.results

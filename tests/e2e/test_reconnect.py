@@ -44,6 +44,7 @@ def test_second_qemu_attaches_after_first_quits(make_qemu, workdir):
         r2 = q2.run(script, {"pattern": second}, timeout=60)
     finally:
         sup.stop()
+    assert not sup.abnormal_exits(), sup.abnormal_exits()
     assert r2.results["first_md5"] == gs.md5(first), "QEMU #2 does not see what QEMU #1 wrote"
     assert r2.int("write_rc") == 0 and r2.results["readback_md5"] == gs.md5(second)
     assert gs.image_bytes(image, 2 * MiB, len(second)) == second

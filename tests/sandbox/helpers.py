@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import time
 from collections.abc import Callable
@@ -66,11 +67,24 @@ def run_in_jail(config: JailConfig, fn: Callable[[], Any], timeout: float = 10.0
     seen = None
     try:
         buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = os.read(r, 65536)
-            if not chunk:
+        deadline = time.monotonic() + timeout
+        poller = select.poll()
+        poller.register(r, select.POLLIN)
+        poller.register(child.pidfd, select.POLLIN)
+        if child.violation_fd is not None:
+            poller.register(child.violation_fd, select.POLLIN)
+        while not buf.endswith(b"\n") and time.monotonic() < deadline:
+            ready = dict(poller.poll(100))
+            if child.violation_fd in ready:
+                child.read_violation()
                 break
-            buf += chunk
+            if r in ready:
+                chunk = os.read(r, 65536)
+                if not chunk:
+                    break
+                buf += chunk
+            elif child.pidfd in ready:
+                break
         if on_spawn is not None and buf:
             seen = on_spawn(child)
     finally:

@@ -20,6 +20,7 @@ from supervisor.exercise import drive_block, drive_rng
 from .conftest import SupervisorProc, pid_alive
 
 NOSANDBOX = ("--disable-sandbox",)
+MODES = pytest.mark.parametrize("mode", [(), NOSANDBOX], ids=["jailed", "plain"])
 
 
 def test_restart_after_sigkill_same_socket(sup: SupervisorProc) -> None:
@@ -97,13 +98,15 @@ def test_shutdown_grace_sigkills_a_stuck_child(sup: SupervisorProc) -> None:
     assert not os.path.exists(rng)
 
 
-def test_supervisor_sigkill_children_die_and_restart_cleans(sup: SupervisorProc) -> None:
+@MODES
+def test_supervisor_sigkill_children_die_and_restart_cleans(sup: SupervisorProc, mode: tuple[str, ...]) -> None:
     rng = sup.path("rng.sock")
     img = sup.image()
     blk = sup.path("blk.sock")
-    args = (*NOSANDBOX, "--rng", f"vhost={rng}", "--block", f"vhost={blk},path={img}")
+    args = (*mode, "--rng", f"vhost={rng}", "--block", f"vhost={blk},path={img}")
     sup.start(*args)
-    pids = [d["pid"] for d in sup.status().values()]
+    st = sup.status().values()
+    pids = [d["pid"] for d in st] + [d["supervised_pid"] for d in st]
     assert sup.proc is not None
     sup.proc.kill()
     sup.proc.wait(5)
@@ -187,13 +190,14 @@ restart = "on-failure"
     assert sup.terminate() == 0
 
 
-def test_many_devices(sup: SupervisorProc) -> None:
+@MODES
+def test_many_devices(sup: SupervisorProc, mode: tuple[str, ...]) -> None:
     n = 32
     args = []
     for i in range(n):
         args += ["--rng", f"vhost={sup.path(f'r{i}.sock')}"]
     t0 = time.monotonic()
-    sup.start(*NOSANDBOX, *args)
+    sup.start(*mode, *args)
     st = sup.status()
     assert len(st) == n and all(d["state"] == "ready" and d["pid"] for d in st.values())
     assert len(set(d["pid"] for d in st.values())) == n

@@ -175,15 +175,15 @@ class Supervisor:
         return json.loads(out.stdout)
 
     def devices(self) -> list[dict]:
-        """The device entries of `status --json`, whichever of the likely shapes it has."""
+        """The device entries of `status --json` ({"devices": [{"name", "socket", "pid", ...}]})."""
         doc = self.status()
-        devs = doc.get("devices", doc) if isinstance(doc, dict) else doc
-        if isinstance(devs, dict):
-            devs = [dict(v, name=k) if isinstance(v, dict) else {"name": k, "value": v} for k, v in devs.items()]
-        return list(devs)
+        devs = doc.get("devices") if isinstance(doc, dict) else None
+        if not isinstance(devs, list):
+            raise HarnessError(f"status --json has no devices list: {doc}")
+        return devs
 
-    def device_pid(self, match: str, timeout: float = 15.0, not_pid: int | None = None) -> int:
-        """Pid of the running child whose entry mentions `match` (a socket path or name).
+    def device_pid(self, name: str, timeout: float = 15.0, not_pid: int | None = None) -> int:
+        """Pid of the live child serving device `name` (or the device on socket `name`).
 
         With `not_pid`, waits until a different pid serves it (i.e. the restart happened).
         """
@@ -194,15 +194,30 @@ class Supervisor:
                 raise HarnessError(f"supervisor exited with {self.proc.returncode}:\n{procs.tail(self.log_path)}")
             try:
                 for dev in self.devices():
-                    last = dev
-                    if match in json.dumps(dev):
-                        pid = dev.get("pid") or (dev.get("child") or {}).get("pid")
+                    if name in (dev.get("name"), dev.get("socket")):
+                        last = dev
+                        pid = dev.get("pid")
                         if pid and pid != not_pid and _alive(int(pid)):
                             return int(pid)
             except (HarnessError, ValueError, subprocess.TimeoutExpired) as exc:
                 last = exc
             time.sleep(0.1)
-        raise HarnessError(f"no live child pid for {match!r} (other than {not_pid}) in status; last: {last}")
+        raise HarnessError(f"no live child for device {name!r} (other than pid {not_pid}) in status; last: {last}")
+
+    def exits(self) -> list[str]:
+        """The supervisor's `event=exit` log lines (one per child exit)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        return [line for line in text.splitlines() if "event=exit" in line]
+
+    def abnormal_exits(self) -> list[str]:
+        """Child exits other than the normal end of a front-end session or our own stop."""
+        return [
+            line for line in self.exits()
+            if "kind=disconnected" not in line and "(requested)" not in line
+        ]
 
     def log_tail(self) -> str:
         return f"--- supervisor log ({self.log_path}) ---\n{procs.tail(self.log_path, 60)}"

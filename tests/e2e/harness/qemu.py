@@ -120,10 +120,11 @@ class Qemu:
 
     # --- devices ------------------------------------------------------------------
 
-    def _chardev(self, socket_path: Path) -> str:
+    def _chardev(self, socket_path: Path, reconnect: bool = True) -> str:
         cid = f"vu{self._n}"
         self._n += 1
-        self._devs.append(_Dev(["-chardev", f"socket,id={cid},path={socket_path},reconnect=1"]))
+        opts = f"socket,id={cid},path={socket_path}" + (",reconnect=1" if reconnect else "")
+        self._devs.append(_Dev(["-chardev", opts]))
         return cid
 
     def add_vhost_user_blk(self, socket_path: Path, num_queues: int = 1, queue_size: int = 128) -> None:
@@ -132,8 +133,13 @@ class Qemu:
             _Dev(["-device", f"vhost-user-blk-pci,chardev={cid},num-queues={num_queues},queue-size={queue_size}"])
         )
 
-    def add_vhost_user_rng(self, socket_path: Path) -> None:
-        cid = self._chardev(socket_path)
+    def add_vhost_user_rng(self, socket_path: Path, reconnect: bool = False) -> None:
+        """No `reconnect=1` by default: with it, QEMU 7.2 connects the chardev
+        asynchronously, and vhost-user-rng-pci (unlike vhost-user-blk-pci, which waits
+        for the connection) runs vhost_dev_init on a socket that is not connected yet,
+        fails with "Failed to set msg fds." and then aborts in error_setv. Later QEMUs
+        that fixed this can pass reconnect=True."""
+        cid = self._chardev(socket_path, reconnect)
         self._devs.append(_Dev(["-device", f"vhost-user-rng-pci,chardev={cid}"]))
 
     # --- command line ---------------------------------------------------------------

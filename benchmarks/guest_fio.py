@@ -1,0 +1,197 @@
+"""Guest-side block benchmark: fio inside a QEMU guest, our device vs qemu-storage-daemon.
+
+Why inside a guest: host-side micro-benchmarks time the back-end alone; a guest run goes
+through QEMU, the virtio-blk driver and the vhost-user data path the way production does.
+Both back-ends serve the same image from the page cache, one after the other, alternating
+(ours, qsd, ours, qsd, ...), so drift on the host hits both alike. Under TCG the guest's
+emulated CPU dominates, so read the ratios and the QD1 latency, not the absolute numbers.
+
+    python -m benchmarks.guest_fio [--runs 3] [--runtime 5] [--ours supervisor|device]
+
+fio comes from the host (Debian's `fio` package) and is copied into the initramfs with
+every library `ldd` lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from tests.e2e.harness import procs
+from tests.e2e.harness.backends import QsdBlock, start_our_block
+from tests.e2e.harness.initramfs import base_initramfs
+from tests.e2e.harness.kernel import CACHE_DIR, HarnessError, ensure_kernel
+from tests.e2e.harness.qemu import Qemu, choose_accel
+
+log = logging.getLogger("bench.guest_fio")
+
+MiB = 1 << 20
+IMAGE_SIZE = 512 * MiB
+
+# name -> fio arguments. 128 KiB sequential at iodepth 8: deep enough to stream.
+JOBS = {
+    "randread_4k_qd1": "--rw=randread --bs=4k --iodepth=1",
+    "randread_4k_qd32": "--rw=randread --bs=4k --iodepth=32",
+    "seqread_128k_qd8": "--rw=read --bs=128k --iodepth=8",
+}
+
+GUEST_SCRIPT = r"""
+export LD_LIBRARY_PATH={libpath}
+fio --version >/dev/null 2>&1 || {{ echo "E2E-RESULT error=fio_does_not_run"; /usr/bin/fio --version; exit 3; }}
+for spec in {specs}; do
+    name=${{spec%%:*}}; args=$(echo "${{spec#*:}}" | tr '+' ' ')
+    fio --name=$name --filename=/dev/vda --direct=1 --ioengine=libaio --thread \
+        --runtime={runtime} --ramp_time=1 --time_based --size={size} \
+        --output-format=json $args > /tmp/$name.json 2>/tmp/$name.err
+    echo "E2E-RESULT rc_$name=$?"
+    echo "E2E-FIO-BEGIN $name"
+    cat /tmp/$name.json
+    echo "E2E-FIO-END $name"
+done
+"""
+
+
+def fio_files() -> dict[str, Path]:
+    """fio and its shared libraries, at the same paths in the guest as on the host."""
+    fio = shutil.which("fio")
+    if not fio:
+        raise HarnessError("fio is not installed on the host: apt-get install fio")
+    out = subprocess.run(["ldd", fio], capture_output=True, text=True, check=True).stdout
+    files: dict[str, Path] = {"usr/bin/fio": Path(fio).resolve()}
+    for line in out.splitlines():
+        m = re.search(r"(?:=>\s*)?(/\S+)\s+\(0x", line)
+        if m:
+            path = m.group(1)
+            files[path.lstrip("/")] = Path(path).resolve()
+    return files
+
+
+def guest_script(runtime: int, files: dict[str, Path]) -> str:
+    libdirs = sorted({str(Path("/" + p).parent) for p in files if ".so" in p})
+    specs = " ".join(f"{name}:{args.replace(' ', '+')}" for name, args in JOBS.items())
+    return GUEST_SCRIPT.format(libpath=":".join(libdirs), specs=specs, runtime=runtime, size=IMAGE_SIZE)
+
+
+def parse_fio(console: str) -> dict[str, dict[str, float]]:
+    """Pick each job's JSON out of the console and keep the figures we report."""
+    results = {}
+    for name in JOBS:
+        m = re.search(rf"E2E-FIO-BEGIN {name}\s*\n(.*?)\nE2E-FIO-END {name}", console, re.S)
+        if not m:
+            raise HarnessError(f"no fio output for {name} on the console")
+        text = m.group(1)
+        text = text[text.index("{") :]
+        doc = json.loads(text)
+        rd = doc["jobs"][0]["read"]
+        clat = rd["clat_ns"]
+        results[name] = {
+            "iops": rd["iops"],
+            "mb_s": rd["bw_bytes"] / 1e6,
+            "lat_us_mean": rd["lat_ns"]["mean"] / 1000,  # submission + completion
+            "clat_us_p50": clat.get("percentile", {}).get("50.000000", 0) / 1000,
+        }
+    return results
+
+
+def make_image(path: Path) -> Path:
+    """Non-zero data everywhere, so reads are real reads, not holes."""
+    chunk = bytes(range(256)) * (MiB // 256)
+    with open(path, "wb") as f:
+        for _ in range(IMAGE_SIZE // MiB):
+            f.write(chunk)
+    return path
+
+
+def run_once(backend: str, kernel, base: Path, accel: str, workdir: Path, image: Path,
+             script: str, ours_mode: str) -> dict[str, dict[str, float]]:
+    sock = workdir / f"{backend}.sock"
+    if backend == "qsd":
+        be = QsdBlock(image, sock, workdir / "qsd.log").start()
+    else:
+        be = start_our_block(ours_mode, workdir, image, sock)
+    try:
+        q = Qemu(kernel, workdir, accel=accel, base_initrd=base, mem_mb=1024, name=f"fio-{backend}")
+        q.attach(be)
+        q.add_vhost_user_blk(sock)
+        try:
+            res = q.run(script, timeout=60 + 4 * len(JOBS) * 20, )
+        finally:
+            q.stop()
+        bad = {k: v for k, v in res.results.items() if k.startswith("rc_") and v != "0"}
+        if bad:
+            raise HarnessError(f"fio failed in the guest: {bad}\n{res.console[-2000:]}")
+        return parse_fio(res.console)
+    finally:
+        be.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", type=int, default=3, help="runs per back-end, alternating (>= 3)")
+    ap.add_argument("--runtime", type=int, default=5, help="seconds per fio job")
+    ap.add_argument("--ours", choices=["supervisor", "device"], default="supervisor")
+    ap.add_argument("--json", type=Path, help="also write the raw results here")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.runs < 3:
+        ap.error("--runs must be at least 3")
+
+    kernel = ensure_kernel()
+    files = fio_files()
+    base = base_initramfs(kernel, extra_files=files)
+    accel = choose_accel(kernel)
+    script = guest_script(args.runtime, files)
+    workdir = Path(tempfile.mkdtemp(prefix="e2e-fio-", dir="/tmp"))
+    image = make_image(workdir / "bench.img")
+    samples: dict[str, list[dict[str, dict[str, float]]]] = {"ours": [], "qsd": []}
+    t0 = time.monotonic()
+    try:
+        for i in range(args.runs):
+            order = ("ours", "qsd") if i % 2 == 0 else ("qsd", "ours")
+            for backend in order:
+                r = run_once(backend, kernel, base, accel, workdir, image, script, args.ours)
+                samples[backend].append(r)
+                print(f"run {i + 1} {backend:4s} " + "  ".join(
+                    f"{j}={v['iops']:.0f}iops/{v['mb_s']:.1f}MB/s/{v['lat_us_mean']:.0f}us" for j, v in r.items()
+                ), flush=True)
+    finally:
+        procs.reap_all()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+    def med(backend: str, job: str, key: str) -> float:
+        return statistics.median(s[job][key] for s in samples[backend])
+
+    rows = [
+        ("4 KiB randread QD1 IOPS", "randread_4k_qd1", "iops"),
+        ("4 KiB randread QD1 mean latency (us)", "randread_4k_qd1", "lat_us_mean"),
+        ("4 KiB randread QD1 median completion latency (us)", "randread_4k_qd1", "clat_us_p50"),
+        ("4 KiB randread QD32 IOPS", "randread_4k_qd32", "iops"),
+        ("128 KiB seqread QD8 MB/s", "seqread_128k_qd8", "mb_s"),
+    ]
+    print(f"\naccel={accel}, {args.runs} alternating runs per back-end, {args.runtime}s per job, "
+          f"ours={args.ours}, medians, {time.monotonic() - t0:.0f}s total\n")
+    print("| metric | ours | qemu-storage-daemon | ours/qsd |")
+    print("|---|---:|---:|---:|")
+    summary = {}
+    for label, job, key in rows:
+        o, q = med("ours", job, key), med("qsd", job, key)
+        ratio = o / q if q else float("nan")
+        summary[label] = {"ours": o, "qsd": q, "ratio": ratio}
+        print(f"| {label} | {o:.1f} | {q:.1f} | {ratio:.2f} |")
+    print("\n(latency: lower is better, so a ratio above 1 means ours is slower)")
+    if args.json:
+        args.json.write_text(json.dumps({"accel": accel, "samples": samples, "summary": summary}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""The pure parts: restart arithmetic, exit classification, log lines,
+sd_notify datagrams, the status table, and the /proc/net/unix reading.
+
+Why: the restart policy is timing-dependent, and testing it only through
+real crashes would take a minute per case; here a fake clock drives it.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import socket
+
+from supervisor import logs
+from supervisor.child import classify, from_exit_reason
+from supervisor.metrics import unix_connections
+from supervisor.notify import Notifier
+from supervisor.slot import ExitInfo, ExitKind, RestartTracker, should_restart
+from supervisor.status import format_table, human_bytes, human_duration
+
+CRASH = ExitInfo(ExitKind.SIGNALED, signal="SIGKILL")
+BYE = ExitInfo(ExitKind.DISCONNECTED, code=0)
+
+
+def test_backoff_doubles_to_ten_seconds_and_resets_after_a_minute_up() -> None:
+    t = RestartTracker()
+    delays = []
+    now = 0.0
+    for _ in range(9):
+        now += 61  # spaced out: the breaker never trips, but uptime is short
+        t.crashes.clear()
+        delays.append(t.record_exit(CRASH, now, uptime=1.0)[1])
+    assert delays == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 10.0, 10.0]
+    tripped, delay = t.record_exit(CRASH, now + 61, uptime=60.0)
+    assert not tripped and delay == 0.1
+
+
+def test_crash_loop_breaker_five_in_sixty_seconds() -> None:
+    t = RestartTracker()
+    results = [t.record_exit(CRASH, float(i), uptime=0.1) for i in range(5)]
+    assert [r[0] for r in results] == [False, False, False, False, True]
+    t.reset()
+    assert t.record_exit(CRASH, 10.0, uptime=0.1) == (False, 0.1)
+    # five crashes spread over more than 60 s do not trip it
+    t = RestartTracker()
+    assert not any(t.record_exit(CRASH, i * 16.0, uptime=0.1)[0] for i in range(8))
+
+
+def test_disconnect_is_not_a_crash() -> None:
+    t = RestartTracker()
+    for i in range(20):
+        assert t.record_exit(BYE, float(i), uptime=0.01) == (False, 0.0)
+    assert not t.crashes
+    requested = ExitInfo(ExitKind.SIGNALED, signal="SIGTERM", requested=True)
+    assert t.record_exit(requested, 1.0, 0.1) == (False, 0.0)
+
+
+def test_restart_policies() -> None:
+    assert should_restart("always", BYE) and should_restart("always", CRASH)
+    assert not should_restart("on-failure", BYE) and should_restart("on-failure", CRASH)
+    assert not should_restart("never", BYE) and not should_restart("never", CRASH)
+
+
+def test_classify_plain_wait_statuses() -> None:
+    assert classify(0).kind is ExitKind.DISCONNECTED
+    assert classify(3 << 8) == ExitInfo(ExitKind.ERROR, code=3)
+    assert classify(signal.SIGKILL) == ExitInfo(ExitKind.SIGNALED, signal="SIGKILL")
+    assert classify(signal.SIGSYS).kind is ExitKind.SECCOMP
+
+
+def test_from_sandbox_exit_reason() -> None:
+    from sandbox import ExitReason
+    assert from_exit_reason(ExitReason("exited", code=0)).kind is ExitKind.DISCONNECTED
+    term = from_exit_reason(ExitReason("exited", code=128 + signal.SIGTERM))
+    assert term.kind is ExitKind.SIGNALED and term.signal == "SIGTERM"
+    assert from_exit_reason(ExitReason("exited", code=1)) == ExitInfo(ExitKind.ERROR, code=1)
+    sc = from_exit_reason(ExitReason("seccomp", signal=signal.SIGKILL, syscall="ptrace"))
+    assert sc.kind is ExitKind.SECCOMP and sc.syscall == "ptrace" and "ptrace" in sc.describe()
+    jf = from_exit_reason(ExitReason("jail_failed", code=125, message="jail step 'pivot_root' failed"))
+    assert jf.kind is ExitKind.JAIL_FAILED and "pivot_root" in jf.describe()
+
+
+def test_log_lines_text_and_json() -> None:
+    buf = io.StringIO()
+    logs.setup_logging("text", buf)
+    logs.event("block-0", "exit", pid=12, reason="killed by SIGKILL")
+    logging.getLogger("devices.block").warning("odd %s", "thing")
+    text = buf.getvalue().splitlines()
+    assert text[0].split(" ", 1)[1] == 'device=block-0 event=exit pid=12 reason="killed by SIGKILL"'
+    assert 'device=- event=log level=warning logger=devices.block msg="odd thing"' in text[1]
+    buf = io.StringIO()
+    logs.setup_logging("json", buf)
+    logs.child_line("rng-0", 7, json.dumps({"level": "error", "logger": "vhost", "msg": "boom"}))
+    logs.child_line("rng-0", 7, "Traceback (most recent call last):")
+    a, b = (json.loads(x) for x in buf.getvalue().splitlines())
+    assert a["device"] == "rng-0" and a["event"] == "log" and a["level"] == "error" and a["msg"] == "boom"
+    assert b["event"] == "stderr" and b["msg"].startswith("Traceback") and b["pid"] == 7
+    logs.setup_logging("text")
+
+
+def test_notify_datagrams(tmp_path) -> None:
+    path = "/tmp/vs-notify-test.sock"
+    if os.path.exists(path):
+        os.unlink(path)
+    rx = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    rx.bind(path)
+    try:
+        n = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"})
+        assert n.enabled and n.watchdog_interval == 1.0
+        assert n.ready("3 devices: 3 ready")
+        assert rx.recv(100) == b"READY=1\nSTATUS=3 devices: 3 ready"
+        n.watchdog()
+        assert rx.recv(100) == b"WATCHDOG=1"
+        for _ in range(2000):  # a receiver that never reads must not block us
+            n.status("x" * 100)
+        n.close()
+    finally:
+        rx.close()
+        os.unlink(path)
+    off = Notifier({})
+    assert not off.enabled and not off.ready() and off.watchdog_interval is None
+    assert Notifier({"WATCHDOG_USEC": "5", "WATCHDOG_PID": "1"}).watchdog_interval is None
+
+
+def test_status_table() -> None:
+    reply = {"supervisor": {"pid": 1, "uptime": 3725, "sandbox": True, "summary": "1 devices: 1 backoff"},
+             "devices": [{"name": "block-0", "type": "block", "socket": "/run/b.sock", "state": "backoff",
+                          "backoff_remaining": 0.4, "pid": None, "restarts": 3,
+                          "last_exit": {"text": "seccomp: ptrace"}, "uptime": None, "rss": None,
+                          "frontend": "no"}]}
+    out = format_table(reply)
+    assert "up 1h02m" in out and "backoff (0.4s)" in out and "seccomp: ptrace" in out
+    assert out.splitlines()[1].split()[:4] == ["NAME", "TYPE", "SOCKET", "STATE"]
+    assert human_bytes(22 << 20) == "22.0M" and human_duration(59.94) == "59.9s" and human_duration(None) == "-"
+
+
+def test_unix_connections_sees_queued_and_accepted() -> None:
+    path = "/tmp/vs-conn-test.sock"
+    if os.path.exists(path):
+        os.unlink(path)
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen()
+    try:
+        assert not unix_connections({path})[path].connected
+        c = socket.socket(socket.AF_UNIX)
+        c.connect(path)
+        st = unix_connections({path})[path]
+        assert st.queued == 1 and st.accepted == 0 and st.describe() == "queued"
+        a, _ = srv.accept()
+        st = unix_connections({path})[path]
+        assert st.accepted == 1 and st.describe() == "yes"
+        a.close()
+        c.close()
+        assert not unix_connections({path})[path].connected
+    finally:
+        srv.close()
+        os.unlink(path)
