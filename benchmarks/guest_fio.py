@@ -29,7 +29,7 @@ from pathlib import Path
 from tests.e2e.harness import procs
 from tests.e2e.harness.backends import QsdBlock, start_our_block
 from tests.e2e.harness.initramfs import base_initramfs
-from tests.e2e.harness.kernel import CACHE_DIR, HarnessError, ensure_kernel
+from tests.e2e.harness.kernel import HarnessError, ensure_kernel
 from tests.e2e.harness.qemu import Qemu, choose_accel
 
 log = logging.getLogger("bench.guest_fio")

@@ -13,7 +13,9 @@ machine.  Nothing here is asserted: benchmarks are not tests.
   the baseline.
 * restart latency: SIGKILL to the device process -> a front-end (connected
   right after the kill, queued on the parent's listening socket) served a
-  random-bytes request; median and p90 over N kills.
+  random-bytes request; median and p90 over N kills.  Every kill is a first
+  crash (``restart`` clears the breaker before it), so the policy's 100 ms
+  first backoff is included; "minus backoff" is what the machinery costs.
 * memory: USS and PSS (psutil) of each device child while idle, 8 devices;
   for the jail also the forwarder process.
 """
@@ -76,24 +78,24 @@ def bench_startup(mode: str, n: int, runs: int) -> float:
 
 
 def bench_restart(mode: str, kills: int) -> list[float]:
+    """Each kill is a first crash: ``restart`` (which clears the crash-loop
+    breaker and the backoff) comes before it, so the 100 ms first backoff of
+    the policy is part of every sample, and the breaker never trips."""
     def run(sup: SupervisorProcess, work: str, _t: float) -> list[float]:
         sock = f"{work}/r0.sock"
         drive_rng(sock)
-        out = []
-        served: set[int] = set()
+        out: list[float] = []
         while len(out) < kills:
-            # a ready child that has not served anyone (the one that served us exits on disconnect)
-            time.sleep(0.05)
-            d = sup.wait_state("rng-0", ("ready",), pred=lambda x: x["pid"] not in served, interval=0.002)
+            reply = sup.request("restart", name="rng-0")
+            pid = reply["device"]["pid"]
+            d = sup.wait_state("rng-0", ("ready",), pred=lambda x: x["pid"] == pid, interval=0.002)
             t0 = time.monotonic()
             try:
                 os.kill(d["pid"], signal.SIGKILL)
             except ProcessLookupError:
                 continue
-            served.add(d["pid"])
             drive_rng(sock, timeout=10)
             out.append(time.monotonic() - t0)
-            served.add(sup.status()["rng-0"]["pid"] or 0)
         return out
     return _with_supervisor(mode, 1, run)
 
@@ -136,14 +138,17 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {n} | {j * 1000:.0f} | {p * 1000:.0f} | {j / p:.2f} | {(j - base) / n * 1000:.1f} |")
         print(lines[-1], flush=True)
     lines += ["", f"## restart latency: SIGKILL -> front-end served again ({kills} kills)", "",
-              "| mode | median (ms) | p90 (ms) | max (ms) |", "|---|---:|---:|---:|"]
+              "| mode | median (ms) | p90 (ms) | max (ms) | median minus 100 ms backoff |",
+              "|---|---:|---:|---:|---:|"]
     med = {}
     for mode in MODES:
         r = bench_restart(mode, kills)
         med[mode] = statistics.median(r)
-        lines.append(f"| {mode} | {med[mode] * 1000:.1f} | {_pct(r, 0.9) * 1000:.1f} | {max(r) * 1000:.1f} |")
+        lines.append(f"| {mode} | {med[mode] * 1000:.1f} | {_pct(r, 0.9) * 1000:.1f} | {max(r) * 1000:.1f} | "
+                     f"{med[mode] * 1000 - 100:.1f} |")
         print(lines[-1], flush=True)
-    lines.append(f"\njailed/plain restart ratio: {med['jailed'] / med['plain']:.2f}")
+    lines.append(f"\njailed/plain restart ratio: {med['jailed'] / med['plain']:.2f} "
+                 f"(minus backoff: {(med['jailed'] - 0.1) / max(med['plain'] - 0.1, 1e-6):.2f})")
     lines += ["", "## memory per idle device child (8 rng devices, MiB, mean)", "",
               "| mode | USS | PSS | RSS | forwarder USS | forwarder PSS | supervisor USS |",
               "|---|---:|---:|---:|---:|---:|---:|"]

@@ -76,7 +76,7 @@ MAX_BATCH = 64
 #: I/O threads per device with direct=true.
 DIRECT_IO_THREADS = 8
 #: Bytes moved before the used index is published even if more requests wait.
-FLUSH_BYTES = int(os.environ.get("VHS_BLK_FLUSH_BYTES", 64 << 10))
+FLUSH_BYTES = 64 << 10
 SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
 SEG_FLAG_UNMAP = 1
 

@@ -38,6 +38,7 @@ RX_QUEUE = 0
 TX_QUEUE = 1
 CONFIG = struct.Struct("<HHII")  # cols, rows, max_nr_ports, emerg_wr
 READ_CHUNK = 4096
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
@@ -75,6 +76,8 @@ class FdOutput(Output):
             return
         try:
             total = sum(len(v) for v in views)
+            if len(views) > IOV_MAX:  # writev would refuse it (EINVAL)
+                views = [memoryview(b"".join(views))]
             done = os.writev(self.fd, views)
             if done < total:
                 data = b"".join(bytes(v) for v in views)

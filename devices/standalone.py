@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vhost-supervisor device {args.kind}: one of --socket-path or --fd is required",
               file=sys.stderr)
         return 2
+    if args.kind == "block" and not args.file:
+        print("vhost-supervisor device block: --file PATH is required", file=sys.stderr)
+        return 2
     name = args.name or args.kind
     if not logging.getLogger().handlers:
         logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,

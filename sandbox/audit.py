@@ -79,9 +79,33 @@ def _root(pid: int) -> dict[str, Any]:
     return {"same_as_caller": (st.st_dev, st.st_ino) == (mine.st_dev, mine.st_ino), "entries": entries}
 
 
-def audit(pid: int) -> dict[str, Any]:
+def _dumpable(pid: int, st: dict[str, str]) -> bool | None:
+    """/proc/<pid>/* belongs to the process's euid only while it is dumpable;
+    a non-dumpable one (PR_SET_DUMPABLE 0) shows root as the owner."""
+
+    try:
+        owner = os.stat(f"/proc/{pid}/status").st_uid
+        euid = int(st["Uid"].split()[1])
+    except (OSError, KeyError, IndexError, ValueError):
+        return None
+    if euid == 0:
+        return None  # cannot tell: both cases show root
+    return owner == euid
+
+
+def _children(pid: int) -> list[int]:
+    text = _read(f"/proc/{pid}/task/{pid}/children") or ""
+    return [int(x) for x in text.split()]
+
+
+def audit(pid: int, follow: bool = True) -> dict[str, Any]:
     """Confinement of `pid`: id maps, capability sets, no_new_privs, seccomp,
-    namespaces (compared with the caller's), root, rlimits, open fds."""
+    namespaces (compared with the caller's), root, rlimits, open fds.
+
+    When `pid` is a jail's forwarder (JailedChild.pid: its only child is pid 1
+    of another pid namespace) the device is audited too, under "device", so a
+    supervisor that only knows the pid it waits on still sees the device.
+    """
 
     st = _status(pid)
     if not st:
@@ -98,7 +122,7 @@ def audit(pid: int) -> dict[str, Any]:
             mine = None
         ns[name] = {"id": theirs, "separate": None if theirs is None else theirs != mine}
     caps = {label: int(st[key], 16) for key, label in CAP_SETS.items() if key in st}
-    return {
+    result: dict[str, Any] = {
         "pid": pid,
         "name": st.get("Name"),
         "ppid": int(st.get("PPid", "0")),
@@ -118,4 +142,16 @@ def audit(pid: int) -> dict[str, Any]:
         "rlimits": _limits(pid),
         "fds": _fds(pid),
         "threads": int(st.get("Threads", "0")),
+        "dumpable": _dumpable(pid, st),
     }
+    if follow:
+        kids = _children(pid)
+        if len(kids) == 1:
+            try:
+                dev = audit(kids[0], follow=False)
+            except ProcessLookupError:
+                dev = None
+            if dev is not None and len(dev["nspid"]) > 1 and dev["nspid"][-1] == 1 \
+                    and dev["namespaces"]["pid"]["separate"] is not False:
+                result["device"] = dev
+    return result

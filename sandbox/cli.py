@@ -73,9 +73,17 @@ def _caps(value: int | None) -> str:
 
 
 def format_audit(a: dict[str, Any]) -> str:
-    """Human-readable form of sandbox.audit(pid) (one block per process)."""
+    """Human-readable form of sandbox.audit(pid): one block per process (the
+    forwarder, then the device it runs when audit() found one)."""
 
-    lines = [f"pid {a['pid']} ({a.get('name')})"]
+    text = _format_one(a, "forwarder" if "device" in a else "process")
+    if "device" in a:
+        text += "\n" + _format_one(a["device"], "device")
+    return text
+
+
+def _format_one(a: dict[str, Any], role: str) -> str:
+    lines = [f"{role} pid {a['pid']} ({a.get('name')})"]
     nspid = a.get("nspid") or []
     if len(nspid) > 1:
         lines.append(f"  pid in its namespace: {nspid[-1]}")

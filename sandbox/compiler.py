@@ -208,13 +208,35 @@ def _add_extra(policy: Policy, extra_allow: tuple[tuple[str, int, int], ...]) ->
 def _compile_cached(path: str, stamp: tuple, default_action: str,
                     extra_allow: tuple[tuple[str, int, int], ...]) -> CompiledPolicy:
     policy = parse_policy(path, known_syscall=lambda n: syscall_number(n) >= 0)
+    _FILES[path] = policy.files
     policy = _add_extra(policy, extra_allow)
     return CompiledPolicy(policy, default_action, export_bpf(build_filter(policy, default_action)))
 
 
+_FILES: dict[str, list[str]] = {}  # policy path -> the files it was made of, last time
+
+
+def _stat_all(files: list[str]) -> tuple:
+    out = []
+    for f in files:
+        st = os.stat(f)
+        out.append((f, st.st_mtime_ns, st.st_size, st.st_ino))
+    return tuple(out)
+
+
 def _stamp(path: str) -> tuple:
-    policy = parse_policy(path, known_syscall=lambda n: syscall_number(n) >= 0)
-    return tuple((f, os.stat(f).st_mtime_ns, os.stat(f).st_size) for f in policy.files)
+    """Identity of a policy and its includes, cheap to recheck: a stat per file
+    (a changed file means a re-parse, which also refreshes the include list)."""
+
+    files = _FILES.get(path)
+    if files is not None:
+        try:
+            return _stat_all(files)
+        except OSError:
+            pass
+    files = parse_policy(path, known_syscall=lambda n: syscall_number(n) >= 0).files
+    _FILES[path] = files
+    return _stat_all(files)
 
 
 def compile_policy(path: str | os.PathLike[str], default_action: str = "kill-process",

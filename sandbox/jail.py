@@ -95,7 +95,8 @@ def _recv_expect(ch: socket.socket, expected: bytes, step: str) -> None:
     if msg == expected:
         return
     if msg.startswith(MSG_ERROR):
-        raise JailError(step, 0, msg[len(MSG_ERROR):].decode(errors="replace"))
+        text = msg[len(MSG_ERROR):].decode(errors="replace")
+        raise JailError(step, 0, text.removeprefix(f"jail step {step!r} failed: "))
     raise JailError(step, errno.EPROTO, f"handshake: expected {expected!r}, got {msg!r}")
 
 
@@ -178,8 +179,9 @@ def _mirror_exit(status: int) -> None:
 
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        signal.signal(sig, signal.SIG_DFL)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):  # these cannot be caught or blocked anyway
+            signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
         os.kill(os.getpid(), sig)
         os._exit(128 + sig)  # only if the signal could not kill us (SIGSTOP & co)
     os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
@@ -222,6 +224,10 @@ def _enter_namespaces(prep: Prepared, ch: socket.socket, helper: int | None) -> 
 
     cfg = prep.config
     privileges.drop_supplementary_groups()
+    # An ordinary-user parent can only write /proc/F/uid_map if F is dumpable
+    # (a parent that switched uids left it 0); it is cleared again before the
+    # device code runs.
+    libc.prctl(libc.PR_SET_DUMPABLE, 1, step="dumpable")
     libc.unshare(NS_FLAGS)
     # after unshare (a bind source must belong to our mount namespace), while F
     # still has the parent's file-system identity

@@ -75,27 +75,30 @@ def learn(config: JailConfig, target: Callable[[], int], timeout: float = 30.0) 
 
 
 def _learn(kmsg: int, config: JailConfig, target: Callable[[], int], timeout: float) -> collections.Counter[str]:
-    if True:
-        os.lseek(kmsg, 0, os.SEEK_END)
-        log_config = JailConfig(**{**config.__dict__, "seccomp_log": True})
-        child = spawn(log_config, target)
-        pids = {child.pid}
-        if child.device_pid:
-            pids.add(child.device_pid)
-        deadline = time.monotonic() + timeout
-        while True:
-            done, _status = os.waitpid(child.pid, os.WNOHANG)
-            if done or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
-        if not done:
-            child.kill()
-            os.waitpid(child.pid, 0)
-        child.close()
-        time.sleep(0.1)  # let kauditd flush
-        counts: collections.Counter[str] = collections.Counter()
-        for pid, arch, nr in read_kmsg_records(kmsg):
-            if pid in pids:  # audit records carry the thread group id
-                counts[syscall_name(nr, arch)] += 1
-        return counts
+    """learn() with the kernel log open.  Records are read after the run: fine
+    for a short target; a long load should drain /dev/kmsg while it runs (see
+    tests/sandbox/device_load.py), the ring buffer is small."""
+
+    os.lseek(kmsg, 0, os.SEEK_END)
+    log_config = JailConfig(**{**config.__dict__, "seccomp_log": True})
+    child = spawn(log_config, target)
+    pids = {child.pid}
+    if child.device_pid:
+        pids.add(child.device_pid)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, _status = os.waitpid(child.pid, os.WNOHANG)
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    if not done:
+        child.kill()
+        os.waitpid(child.pid, 0)
+    child.close()
+    time.sleep(0.1)  # let kauditd flush
+    counts: collections.Counter[str] = collections.Counter()
+    for pid, arch, nr in read_kmsg_records(kmsg):
+        if pid in pids:  # audit records carry the thread group id
+            counts[syscall_name(nr, arch)] += 1
+    return counts
 

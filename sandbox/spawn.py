@@ -72,12 +72,19 @@ class JailedChild:
         if notif is None:
             return None
         self.violation = syscall_name(notif.nr, notif.arch)
-        self.kill()
+        # Kill the device itself (the forwarder then mirrors SIGKILL and reaps
+        # it, leaving no orphan); ID_VALID first, so a recycled pid is never
+        # hit.  If that check fails, kill the forwarder: the device follows by
+        # PDEATHSIG.
+        killed = False
         if notify.still_valid(self.violation_fd, notif.id):
             try:
                 os.kill(notif.pid, signal.SIGKILL)
+                killed = True
             except OSError:
                 pass
+        if not killed:
+            self.kill()
         return self.violation
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
@@ -135,6 +142,15 @@ def _child(prep: jail.Prepared, ch: socket.socket, target: Callable[[], int]) ->
 
     code = 1
     try:
+        # Whatever sys.stdout/sys.stderr were in the parent (pytest replaces
+        # them), the child's are fds 1 and 2, which the jail points at
+        # /dev/null and the log fd.
+        sys.stdout = open(1, "w", closefd=False, buffering=1, errors="replace")
+        sys.stderr = open(2, "w", closefd=False, buffering=1, errors="replace")
+        # Before the jail: rt_sigaction need not be in the device's policy.
+        # The forwarder replaces them with its own forwarding handlers.
+        for sig in DEVICE_EXIT_SIGNALS:
+            signal.signal(sig, _device_signal_exit)
         try:
             jail.run_jail(prep, ch)
         except JailError as e:
@@ -142,8 +158,6 @@ def _child(prep: jail.Prepared, ch: socket.socket, target: Callable[[], int]) ->
             sys.stderr.write(f"{prep.config.name}: {e}\n")
             code = JAIL_SETUP_FAILED
             return
-        for sig in DEVICE_EXIT_SIGNALS:
-            signal.signal(sig, _device_signal_exit)
         try:
             result = target()
             code = int(result) & 0xFF if result is not None else 0

@@ -324,6 +324,9 @@ def open_builders(cfg: SupervisorConfig) -> dict[str, Any]:
     from devices.base import ConfigError as DeviceConfigError
 
     builders: dict[str, Any] = {}
+    checked: set[str] = set()
+    if not cfg.disable_sandbox:
+        import sandbox
     try:
         for d in cfg.devices:
             cls = devices.BUILDERS.get(d.type)
@@ -342,6 +345,12 @@ def open_builders(cfg: SupervisorConfig) -> dict[str, Any]:
                 if not os.path.isfile(policy):
                     raise ConfigError(f"{policy!r} does not exist (policy {builder.seccomp_policy!r})",
                                       "seccomp-policy-dir", d.name)
+                if policy not in checked:
+                    checked.add(policy)
+                    try:   # a policy that does not compile is a config error, not a crash loop
+                        sandbox.compile_policy(policy)
+                    except sandbox.PolicyError as e:
+                        raise ConfigError(f"policy {policy}: {e}", "seccomp-policy-dir", d.name) from None
     except BaseException:
         for b in builders.values():
             try:

@@ -1,5 +1,8 @@
 """One line per event, ``device=NAME`` first; text for people, JSON for machines.
 
+Text: ``device=block-0 event=exit pid=12 reason="killed by SIGKILL" ts=...``
+(``ts=`` is left out under journald, which stamps lines itself).
+
 The supervisor is the only writer of its log: children's stderr arrives
 through pipes and is re-emitted here as ``event=stderr`` lines, so a single
 stream (journald under systemd) holds everything, tagged with the device.
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -33,11 +37,13 @@ def _timestamp(created: float) -> str:
 class EventFormatter(logging.Formatter):
     """Formats records that carry ``event``/``device``/``fields`` extras (and plain ones)."""
 
-    def __init__(self, fmt: str = "text") -> None:
+    def __init__(self, fmt: str = "text", timestamps: bool | None = None) -> None:
         super().__init__()
         if fmt not in ("text", "json"):
             raise ValueError(f"log-format: {fmt!r} is not one of text, json")
         self.fmt = fmt
+        # journald stamps every line itself; elsewhere a text line ends with ts=
+        self.timestamps = (not os.environ.get("JOURNAL_STREAM")) if timestamps is None else timestamps
 
     def format(self, record: logging.LogRecord) -> str:
         device = getattr(record, "device", None) or "-"
@@ -58,7 +64,9 @@ class EventFormatter(logging.Formatter):
         if level not in ("info",):
             parts.append(f"level={level}")
         parts.extend(f"{k}={_quote(v)}" for k, v in fields.items() if v is not None)
-        return f"{_timestamp(record.created)} " + " ".join(parts)
+        if self.timestamps:
+            parts.append(f"ts={_timestamp(record.created)}")
+        return " ".join(parts)
 
 
 def setup_logging(fmt: str = "text", stream: TextIO | None = None, level: int = logging.INFO) -> logging.Logger:

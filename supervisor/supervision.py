@@ -142,7 +142,11 @@ class Supervisor:
             raise ConfigError(str(e).split(": ", 1)[-1], "control-socket") from None
         self.control = ControlServer(sock, self.handle_request)
         for slot in self.slots.values():
-            slot.listener = VhostUserListener(slot.spec.socket)
+            try:
+                slot.listener = VhostUserListener(slot.spec.socket)
+            except OSError as e:
+                raise ConfigError(f"{slot.spec.socket!r}: cannot listen: {e.strerror or e}", "vhost",
+                                  slot.name) from None
             slot.socket_inode = os.stat(slot.spec.socket).st_ino
             slot.resources = slot.listener.take_parent_process_resources()
             logs.event(slot.name, "listen", socket=slot.spec.socket, type=slot.spec.type)
@@ -484,7 +488,6 @@ class Supervisor:
             logs.event(slot.name, "stopped", by="control")
             self._changed_now()
         else:
-            old_pid = slot.child.pid if slot.child else None
             if cmd == "start" and (slot.child is not None or slot.state is State.BACKOFF):
                 return {"ok": True, "device": self._device_status(slot), "note": "already running"}
             slot.tracker.reset()
@@ -495,7 +498,8 @@ class Supervisor:
             if slot.child is not None:
                 slot.pending_request = "restart"
                 self._terminate(slot)
-                await self.wait_for(lambda: slot.child is not None and slot.child.pid != old_pid, timeout)
+                # the exit handler clears pending_request once the new child is forked
+                await self.wait_for(lambda: slot.pending_request is None, timeout)
             else:
                 self._start(slot)
             logs.event(slot.name, cmd, by="control")

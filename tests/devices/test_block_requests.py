@@ -3,14 +3,12 @@ placement, discard and write-zeroes on a real file, malformed requests."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import struct
 
 import pytest
 
-from devices.base import ConfigError
-from devices.block import (BlockBuilder, BlockDevice, CONFIG, S_IOERR, S_OK, S_UNSUPP, T_DISCARD,
+from devices.block import (BlockBuilder, CONFIG, S_IOERR, S_OK, S_UNSUPP, T_DISCARD,
                            T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES)
 from connection.executor import Executor
 
@@ -272,32 +270,37 @@ def test_direct_io(ex, tmp_path):
     assert path.read_bytes()[16 * 512:16 * 512 + 4096] == data
 
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@pytest.fixture(scope="module")
+def fuzz_dev(tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz") / "disk.img"
+    path.write_bytes(bytes(SIZE))
+    ex = Executor()
+    b = BlockBuilder.from_options("fuzz", {"path": str(path), "lock": "false"})
+    dev = b.build(ex)
+    dev.ack_features(dev.features())
+    yield dev
+    b.close()
+    ex.close()
+
+
+@settings(max_examples=300, deadline=None)
 @given(rtype=st.sampled_from([T_IN, T_OUT, T_FLUSH, T_GET_ID, T_DISCARD, T_WRITE_ZEROES, 3, 10, 0xFFFFFFFF]),
        sector=st.one_of(st.integers(0, SIZE // 512 + 4), st.integers(0, (1 << 64) - 1)),
        split=st.integers(0, 16),
        readable=st.lists(st.integers(1, 3000), max_size=4),
        writable=st.lists(st.integers(1, 3000), max_size=4),
        payload=st.binary(max_size=64))
-def test_fuzz_never_raises(tmp_path_factory, rtype, sector, split, readable, writable, payload):
+def test_fuzz_never_raises(fuzz_dev, rtype, sector, split, readable, writable, payload):
     """Whatever the guest puts in a chain, the device answers with a status
     (or breaks the queue when there is no status byte) and never raises."""
-    if not hasattr(test_fuzz_never_raises, "dev"):
-        path = tmp_path_factory.mktemp("fuzz") / "disk.img"
-        path.write_bytes(bytes(SIZE))
-        ex = Executor()
-        b = BlockBuilder.from_options("fuzz", {"path": str(path), "lock": "false"})
-        test_fuzz_never_raises.dev = b.build(ex)
-        test_fuzz_never_raises.dev.ack_features(test_fuzz_never_raises.dev.features())
-    dev = test_fuzz_never_raises.dev
-    head = (hdr(rtype, sector) + payload)
-    rviews = views(*( [head[:split], head[split:]] if 0 < split < len(head) else [head])) + views(*readable)
+    head = hdr(rtype, sector) + payload
+    parts = [head[:split], head[split:]] if 0 < split < len(head) else [head]
     wviews = views(*writable)
-    chain = FakeChain(3, rviews, wviews)
-    written = dev._handle(chain, 0)
+    chain = FakeChain(3, views(*parts) + views(*readable), wviews)
+    written = fuzz_dev._handle(chain, 0)
     if not writable:
         assert written == -1
     else:

@@ -6,7 +6,6 @@ import os
 import socket
 import time
 
-import pytest
 
 from connection.frontend import VhostUserFrontend
 from devices.console import ConsoleBuilder

@@ -32,6 +32,8 @@ def test_print_capabilities(kind, features):
 def test_usage_errors(tmp_path, capsys):
     assert standalone.main(["block", "--file", str(tmp_path / "x")]) == 2      # no socket
     assert "--socket-path" in capsys.readouterr().err
+    assert standalone.main(["block", "--socket-path", str(tmp_path / "s")]) == 2   # no file
+    assert "--file" in capsys.readouterr().err
     assert standalone.main(["block", "--socket-path", str(tmp_path / "s"),
                             "--file", str(tmp_path / "missing.img")]) == 1
     assert "path=" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""End-to-end tests: a real QEMU guest against real vhost-user back-ends."""

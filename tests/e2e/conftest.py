@@ -26,7 +26,7 @@ log = logging.getLogger("e2e")
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test under tests/e2e is an e2e test, marked or not."""
     for item in items:
-        if "tests/e2e/" in str(item.fspath):
+        if "tests/e2e/" in str(item.path):
             item.add_marker(pytest.mark.e2e)
 
 

@@ -29,7 +29,7 @@ from tests.e2e.harness.vhost_user_probe import PROTOCOL_F_INFLIGHT_SHMFD, protoc
 log = logging.getLogger("e2e")
 MiB = 1 << 20
 
-ROUNDS, STREAMS, CHUNK = 48, 4, 256 * 1024
+ROUNDS, STREAMS, CHUNK = 48, 4, 256 * 1024  # at least ROUNDS rounds and 8 s of guest time
 KILLS = 3
 
 
@@ -73,10 +73,9 @@ def test_inflight_tracking_offered_by_us_not_by_qsd(workdir):
 def test_sigkill_during_write_verify_loop(make_qemu, workdir, record_property):
     """Several SIGKILLs at random moments, two queues, four parallel streams: no loss."""
     size = 64 * MiB
-    assert ROUNDS * STREAMS * CHUNK <= size
     image = gs.make_image(workdir / "disk.img", size)
     sock = workdir / "blk.sock"
-    data = gs.pattern(seed=41, size=CHUNK)
+    patterns = (gs.pattern(seed=41, size=CHUNK), gs.pattern(seed=42, size=CHUNK))
     sup = _block_supervisor(workdir, image, sock, num_queues=2)
     rng = random.Random()
     kills: list[tuple[float, str]] = []
@@ -85,7 +84,10 @@ def test_sigkill_during_write_verify_loop(make_qemu, workdir, record_property):
         q = make_qemu(name="crash", smp=2)
         q.attach(sup)
         q.add_vhost_user_blk(sock, num_queues=2)
-        q.start(gs.loop_script(ROUNDS, STREAMS, CHUNK), {"pattern": data})
+        q.start(
+            gs.loop_script(ROUNDS, STREAMS, CHUNK, size),
+            {"pattern": patterns[0], "pattern2": patterns[1]},
+        )
         q.wait_for_line(r"E2E-PHASE loop-start", 60)
         t0 = time.monotonic()
         pid = sup.device_pid("disk0")
@@ -113,12 +115,12 @@ def test_sigkill_during_write_verify_loop(make_qemu, workdir, record_property):
     assert res.rc == 0, res.console[-3000:]
     bad = {k: v for k, v in res.results.items() if k.startswith(("mismatch", "write_fail"))}
     assert not bad, f"guest saw failed or corrupted I/O: {bad}"
-    assert res.int("rounds_done") == ROUNDS
+    rounds = res.int("rounds_done")
+    assert rounds >= ROUNDS
     assert res.int("io_errors") == 0, "the guest kernel logged I/O errors"
-    want = gs.md5(data)
-    for region in range(ROUNDS * STREAMS):
-        got = gs.md5(gs.image_bytes(image, region * CHUNK, CHUNK))
-        assert got == want, f"image region {region} does not hold the pattern"
+    for offset, want in gs.loop_expected_image(rounds, STREAMS, CHUNK, size, patterns).items():
+        got = gs.image_bytes(image, offset, CHUNK)
+        assert got == want, f"image bytes at {offset} are not what the guest last wrote there"
     # Last, the supervisor's account: exactly our kills, each reported as SIGKILL.
     abnormal = sup.abnormal_exits()
     assert len(abnormal) == KILLS, f"expected {KILLS} crash exits in the supervisor log: {abnormal}"
@@ -162,6 +164,12 @@ def _kill_mid_write(q, kill, after: int = 2) -> None:
 
 @pytest.mark.e2e
 def test_out_of_order_crash_breaks_qsd_without_inflight(make_qemu, workdir):
+    """QSD crashes while a throttled write is pending and later reads have completed.
+
+    QEMU restarts the ring at the used index, which lies past the pending write: the write
+    is never redone, and completed reads after it are replayed, so the guest's driver sees
+    completions for heads it no longer owns ("is not a head!") and breaks the queue.
+    """
     image = gs.make_image(workdir / "disk.img", 16 * MiB)
     sock = workdir / "qsd.sock"
     data = gs.pattern(seed=51, size=gs.BS)
@@ -189,23 +197,26 @@ def test_out_of_order_crash_breaks_qsd_without_inflight(make_qemu, workdir):
         q.stop()
     finally:
         qsd.stop()
-    broken = (
-        "hung" in outcome
-        or int(outcome.get("io_errors", "0")) > 0
-        or any(k.startswith(("write_fail", "read_fail")) for k in outcome)
-        or "is not a head" in console
-        or gs.image_bytes(image, 0, OOO_WRITES_QSD * gs.BS) != data * OOO_WRITES_QSD
-    )
     heads = re.findall(r"virtio_blk \S+: req\.\d+:id \d+ is not a head!", console)
+    failed_io = int(outcome.get("io_errors", "0")) > 0 or any(
+        k.startswith(("write_fail", "read_fail")) for k in outcome
+    )
     log.warning("qsd after an out-of-order crash: %s %s", {k: outcome[k] for k in list(outcome)[:6]}, heads[:1])
-    assert broken, (
+    # "hung" alone is not evidence (QEMU might simply not have reconnected); a replayed
+    # completion or failed guest I/O is.
+    assert heads or failed_io, (
         "qemu-storage-daemon survived an out-of-order crash: the kill missed the pending "
-        f"write (results {outcome}); the comparison below proves nothing this run"
+        f"write (results {outcome}); the comparison with our device proves nothing this run"
     )
 
 
 @pytest.mark.e2e
 def test_out_of_order_workload_crash_ours_loses_nothing(make_qemu, workdir):
+    """The same guest workload and kill against our device: nothing lost, nothing replayed.
+
+    Our device serves each queue's requests synchronously, in order, so within a queue
+    its completions are in order; the inflight region makes the restart exact either way.
+    """
     image = gs.make_image(workdir / "disk.img", 32 * MiB)
     sock = workdir / "blk.sock"
     data = gs.pattern(seed=51, size=gs.BS)

@@ -111,11 +111,12 @@ def test_pdeathsig_check_catches_a_parent_that_died_first():
     r, w = os.pipe()
     middle = os.fork()
     if middle == 0:  # the parent-to-be-dead
+        me_parent = os.getpid()
         grandchild = os.fork()
         if grandchild == 0:
             os.close(r)
-            me_parent = os.getppid()
-            while os.getppid() == me_parent:  # wait until the parent is gone
+            deadline = time.monotonic() + 5
+            while os.getppid() == me_parent and time.monotonic() < deadline:  # until the parent is gone
                 time.sleep(0.001)
             try:
                 set_parent_death_signal(me_parent)

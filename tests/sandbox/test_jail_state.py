@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
+import json
 import os
 import resource
 import socket
@@ -90,19 +92,51 @@ def _inside() -> dict:
     return res
 
 
+def _lo_flags() -> dict:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        flags = struct.unpack_from("H", fcntl.ioctl(s.fileno(), SIOCGIFFLAGS, struct.pack("16sH14x", b"lo", 0)), 16)[0]
+    finally:
+        s.close()
+    return {"ifaces": [n for _, n in socket.if_nameindex()], "lo_up": bool(flags & IFF_UP)}
+
+
+def _net_from_outside(pid: int) -> dict:
+    """Join the jail's network namespace in a throw-away child and look."""
+
+    r, w = os.pipe()
+    helper = os.fork()
+    if helper == 0:
+        try:
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+            if ctypes.CDLL(None, use_errno=True).setns(fd, libc.CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+            os.write(w, json.dumps(_lo_flags()).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    data = os.read(r, 4096)
+    os.close(r)
+    os.waitpid(helper, 0)
+    return json.loads(data) if data else {}
+
+
 @pytest.fixture(scope="module")
 def jailed():
     """One jail (no seccomp: the checks need syscalls a policy forbids)."""
 
     config = JailConfig(name="state-dev", nproc=64, address_space=1 << 34, memlock=1 << 16,
                         keep_fds=[], log_fd=2)
-    inside, reason, outside = run_in_jail(config, _inside, on_spawn=lambda c: (c.pid, c.device_pid, audit(c.device_pid), audit(c.pid)))
+    inside, reason, outside = run_in_jail(
+        config, _inside,
+        on_spawn=lambda c: (c.pid, c.device_pid, audit(c.device_pid), audit(c.pid, follow=False),
+                            _net_from_outside(c.device_pid)))
     assert reason.kind == "exited" and reason.code == 0, str(reason)
     return inside, outside
 
 
 def test_runs_as_pid1_of_new_pid_namespace(jailed):
-    inside, (fwd_pid, dev_pid, a, fa) = jailed
+    inside, (fwd_pid, dev_pid, a, fa, _net) = jailed
     assert inside["pid"] == 1
     assert a["nspid"] == [dev_pid, 1]
     assert a["ppid"] == fwd_pid                         # under the forwarder
@@ -110,13 +144,13 @@ def test_runs_as_pid1_of_new_pid_namespace(jailed):
 
 
 def test_every_namespace_is_new(jailed):
-    _inside, (_f, _d, a, _fa) = jailed
+    _inside, (_f, _d, a, _fa, _net) = jailed
     for name in ("user", "pid", "mnt", "net", "ipc", "uts", "cgroup"):
         assert a["namespaces"][name]["separate"] is True, name
 
 
 def test_uid_gid_maps_and_setgroups(jailed):
-    inside, (_f, _d, a, _fa) = jailed
+    inside, (_f, _d, a, _fa, _net) = jailed
     assert a["uid_map"] == [{"inside": 65534, "outside": 65534, "count": 1}]
     assert a["gid_map"] == [{"inside": 65534, "outside": 65534, "count": 1}]
     assert a["setgroups"] == "deny"
@@ -129,7 +163,7 @@ def test_uid_gid_maps_and_setgroups(jailed):
 
 
 def test_capabilities_empty_and_securebits_locked(jailed):
-    inside, (_f, _d, a, fa) = jailed
+    inside, (_f, _d, a, fa, _net) = jailed
     assert a["capabilities"] == {"inheritable": 0, "permitted": 0, "effective": 0, "bounding": 0, "ambient": 0}
     assert fa["capabilities"]["bounding"] == 0 and fa["capabilities"]["effective"] == 0
     assert inside["caps"] == [False, False, False]
@@ -141,15 +175,15 @@ def test_capabilities_empty_and_securebits_locked(jailed):
 
 
 def test_prctl_flags(jailed):
-    inside, (_f, _d, a, _fa) = jailed
+    inside, (_f, _d, a, _fa, _net) = jailed
     assert inside["nnp"] == 1 and a["no_new_privs"] is True
-    assert inside["dumpable"] == 0
+    assert inside["dumpable"] == 0 and a["dumpable"] is False
     assert inside["pdeathsig"] == 9
     assert inside["name"] == "state-dev" and a["name"] == "state-dev"
 
 
 def test_rlimits(jailed):
-    inside, (_f, _d, a, _fa) = jailed
+    inside, (_f, _d, a, _fa, _net) = jailed
     assert inside["nofile"] == [1024, 1024]
     assert inside["core"] == [0, 0]
     assert inside["nproc"] == [64, 64]
@@ -160,7 +194,7 @@ def test_rlimits(jailed):
 
 
 def test_fds_closed_except_keep_list(jailed):
-    inside, (_f, _d, a, _fa) = jailed
+    inside, (_f, _d, a, _fa, _net) = jailed
     # stdio + the two pipe ends the helper keeps; nothing else from pytest's process
     assert len(inside["fds"]) == 5, inside["fds"]
     assert inside["fds"][:3] == [0, 1, 2]
@@ -169,7 +203,7 @@ def test_fds_closed_except_keep_list(jailed):
 
 
 def test_root_is_empty_readonly_tmpfs_without_proc_or_dev(jailed):
-    inside, (_f, _d, a, _fa) = jailed
+    inside, (_f, _d, a, _fa, _net) = jailed
     assert inside["root"] == []
     assert inside["host_file"] == errno.ENOENT
     assert inside["proc_status"] == errno.ENOENT
@@ -177,9 +211,10 @@ def test_root_is_empty_readonly_tmpfs_without_proc_or_dev(jailed):
 
 
 def test_network_has_no_interface_up(jailed):
-    inside, _ = jailed
+    inside, (_f, _d, _a, _fa, net) = jailed
     assert inside["ifaces"] == ["lo"]
     assert inside["lo_up"] is False
+    assert net == {"ifaces": ["lo"], "lo_up": False}   # seen by joining its netns from outside
 
 
 def test_hostname_is_the_device_name(jailed):
@@ -256,3 +291,23 @@ def test_namespaces_false_still_drops_privileges():
     assert inside == {"uid": [65534] * 3, "nnp": 1, "caps": False}
     assert seen["namespaces"]["user"]["separate"] is False
     assert seen["capabilities"]["bounding"] == 0
+
+
+def test_root_directory_is_pivoted_into_read_only(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "hello").write_text("from the host")
+    os.chmod(tmp_path, 0o755)
+
+    def look() -> dict:
+        out = {"root": sorted(os.listdir("/")), "hello": open("/hello").read()}
+        try:
+            open("/new", "w")
+            out["write"] = "allowed"
+        except OSError as e:
+            out["write"] = e.errno
+        return out
+
+    inside, reason, _ = run_in_jail(JailConfig(name="rooted", root=str(root), log_fd=2), look)
+    assert reason.kind == "exited" and reason.code == 0, str(reason)
+    assert inside == {"root": ["hello"], "hello": "from the host", "write": errno.EROFS}

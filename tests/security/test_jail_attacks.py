@@ -185,3 +185,33 @@ def test_standalone_enter_jail_kills_with_sigsys():
             os._exit(3)
     _, status = os.waitpid(pid, 0)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS
+
+
+MINIMAL = """
+read: 1
+write: 1
+close: 1
+exit_group: 1
+brk: 1
+mmap: arg2 in ~PROT_EXEC
+munmap: 1
+futex: 1
+rt_sigreturn: 1
+"""
+
+
+def test_listener_handover_needs_no_sendmsg_in_the_policy(tmp_path):
+    """The jail adds `sendmsg: arg0 == <handshake fd>` for the hand-over of the
+    listener; sendmsg on any other fd is still a violation."""
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    policy = policy_file(tmp_path, MINIMAL)
+    try:
+        result, reason, _ = run_in_jail(_config(policy=policy), lambda: "ok")
+        assert (result, reason.kind, reason.code) == ("ok", "exited", 0), str(reason)
+        _, reason, _ = run_in_jail(_config(policy=policy, keep_fds=[b.fileno()]),
+                                   lambda: _libc.syscall(46, b.fileno(), None, 0))  # raw sendmsg(2)
+    finally:
+        a.close()
+        b.close()
+    assert reason.kind == "seccomp" and reason.syscall == "sendmsg", str(reason)

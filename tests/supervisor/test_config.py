@@ -142,11 +142,14 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.parametrize("case", ["unknown-key", "missing-image", "same-socket", "no-dir", "no-devices",
-                                  "bad-jail", "policy-dir"])
+                                  "bad-jail", "policy-dir", "bad-policy"])
 def test_cli_config_errors_exit_2_and_start_nothing(sup_dir: str, case: str) -> None:
     img = _img(sup_dir)
     ctl = f"{sup_dir}/ctl.sock"
     a, b = f"{sup_dir}/a.sock", f"{sup_dir}/b.sock"
+    with open(f"{sup_dir}/rng.policy", "w") as f:
+        f.write("read: 1\nnot_a_syscall_xyz: 1\n")
+    os.mkdir(f"{sup_dir}/empty")
     args, needle = {
         "unknown-key": (["--block", f"vhost={a},path={img},readonly=true"], "readonly"),
         "missing-image": (["--rng", f"vhost={b}", "--block", f"vhost={a},path={sup_dir}/nope.img"], "nope.img"),
@@ -154,7 +157,8 @@ def test_cli_config_errors_exit_2_and_start_nothing(sup_dir: str, case: str) -> 
         "no-dir": (["--rng", f"vhost={sup_dir}/missing/a.sock"], "does not exist"),
         "no-devices": ([], "no devices"),
         "bad-jail": (["--jail", "pivot-root=/nonexistent-xyz", "--rng", f"vhost={a}"], "'pivot-root'"),
-        "policy-dir": (["--jail", f"seccomp-policy-dir={sup_dir}", "--rng", f"vhost={a}"], "rng.policy"),
+        "policy-dir": (["--jail", f"seccomp-policy-dir={sup_dir}/empty", "--rng", f"vhost={a}"], "rng.policy"),
+        "bad-policy": (["--jail", f"seccomp-policy-dir={sup_dir}", "--rng", f"vhost={a}"], "not_a_syscall_xyz"),
     }[case]
     r = _run_cli("-s", ctl, *args)
     assert r.returncode == 2, (r.returncode, r.stderr)

@@ -86,3 +86,17 @@ def test_audit_and_status_cli(sup: SupervisorProc, capsys) -> None:
     assert new["last_exit"]["requested"] is True
     assert len(drive_rng(rng)) > 0
     assert sup.terminate() == 0
+
+
+def test_jailed_device_sigkill_reported_through_forwarder(sup: SupervisorProc) -> None:
+    """SIGKILL to the device process itself (pid 1 of its namespace): the
+    forwarder mirrors the death, so the operator reads "killed by SIGKILL"."""
+    rng = sup.path("rng.sock")
+    sup.start("--rng", f"vhost={rng}")
+    d = sup.status()["rng-0"]
+    os.kill(d["pid"], signal.SIGKILL)
+    new = sup.wait_state("rng-0", "ready", pred=lambda x: x["pid"] not in (None, d["pid"]))
+    assert new["last_exit"]["kind"] == "signaled" and new["last_exit"]["signal"] == "SIGKILL", new["last_exit"]
+    assert not pid_alive(d["supervised_pid"])
+    assert len(drive_rng(rng)) > 0
+    assert sup.terminate() == 0

@@ -206,3 +206,22 @@ def test_many_devices(sup: SupervisorProc, mode: tuple[str, ...]) -> None:
     assert time.monotonic() - t0 < 30
     assert sup.terminate() == 0
     assert not any(os.path.exists(sup.path(f"r{i}.sock")) for i in range(n))
+
+
+def test_json_logs_watchdog_and_status_line(sup: SupervisorProc) -> None:
+    import json
+    rng = sup.path("rng.sock")
+    sup.start(*NOSANDBOX, "--log-format", "json", "--rng", f"vhost={rng}",
+              env={"WATCHDOG_USEC": "200000"})
+    ready = [m for m in sup.messages if "READY=1" in m][0]
+    assert "STATUS=1 devices: 1 ready" in ready
+    sup.wait_notify("WATCHDOG=1", timeout=2)
+    drive_rng(rng)
+    sup.wait_state("rng-0", "ready", pred=lambda d: d["restarts"] == 1)
+    assert sup.terminate() == 0
+    records = [json.loads(line) for line in sup.read_log().splitlines() if line.startswith("{")]
+    assert records and all("device" in r and "event" in r and "ts" in r for r in records)
+    exits = [r for r in records if r["event"] == "exit" and r["device"] == "rng-0"]
+    assert exits[0]["kind"] == "disconnected"
+    child_logs = [r for r in records if r["event"] == "log" and r["device"] == "rng-0"]
+    assert any("front-end connected" in r["msg"] for r in child_logs), "child log lines are tagged with the device"

@@ -89,7 +89,7 @@ def test_log_lines_text_and_json() -> None:
     logs.event("block-0", "exit", pid=12, reason="killed by SIGKILL")
     logging.getLogger("devices.block").warning("odd %s", "thing")
     text = buf.getvalue().splitlines()
-    assert text[0].split(" ", 1)[1] == 'device=block-0 event=exit pid=12 reason="killed by SIGKILL"'
+    assert text[0].rsplit(" ts=", 1)[0] == 'device=block-0 event=exit pid=12 reason="killed by SIGKILL"'
     assert 'device=- event=log level=warning logger=devices.block msg="odd thing"' in text[1]
     buf = io.StringIO()
     logs.setup_logging("json", buf)

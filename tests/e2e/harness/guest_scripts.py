@@ -116,17 +116,24 @@ def rng_script() -> str:
 LOOP = r"""
 set -u
 DEV=/dev/{dev}
-ROUNDS={rounds}
+MIN_ROUNDS={min_rounds}
+MAX_ROUNDS={max_rounds}
+LAP={lap}
 STREAMS={streams}
 CNT={count_blocks}
-fails=0
+WANT0=$(md5sum < /e2e/pattern | cut -d' ' -f1)
+WANT1=$(md5sum < /e2e/pattern2 | cut -d' ' -f1)
+t_end=$(( $(cut -d. -f1 /proc/uptime) + {min_seconds} ))
 echo "E2E-PHASE loop-start"
 r=0
-while [ $r -lt $ROUNDS ]; do
+while [ $r -lt $MIN_ROUNDS ] || [ $(cut -d. -f1 /proc/uptime) -lt $t_end ]; do
+    [ $r -ge $MAX_ROUNDS ] && break
+    slot=$((r % LAP))
+    if [ $(( (r / LAP) % 2 )) -eq 0 ]; then P=/e2e/pattern; WANT=$WANT0; else P=/e2e/pattern2; WANT=$WANT1; fi
     s=0
     while [ $s -lt $STREAMS ]; do
-        ( off=$(( (r * STREAMS + s) * CNT ))
-          dd if=/e2e/pattern of=$DEV bs={bs} seek=$off count=$CNT oflag=direct conv=notrunc 2>/dev/null || echo "E2E-RESULT write_fail_r${{r}}_s${{s}}=1"
+        ( off=$(( (slot * STREAMS + s) * CNT ))
+          dd if=$P of=$DEV bs={bs} seek=$off count=$CNT oflag=direct conv=notrunc 2>/dev/null || echo "E2E-RESULT write_fail_r${{r}}_s${{s}}=1"
           got=$(dd if=$DEV bs={bs} skip=$off count=$CNT iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
           [ "$got" = "$WANT" ] || echo "E2E-RESULT mismatch_r${{r}}_s${{s}}=$got"
         ) &
@@ -140,16 +147,37 @@ echo "E2E-RESULT rounds_done=$r"
 """
 
 
-def loop_script(rounds: int, streams: int, chunk: int) -> str:
+def loop_script(
+    min_rounds: int, streams: int, chunk: int, disk_size: int, min_seconds: int = 8, max_rounds: int = 2000
+) -> str:
     """Rounds of `streams` parallel write-then-verify jobs, each on its own range.
 
-    Why parallel: several requests are in flight at once (on more than one queue when the
-    guest has several CPUs), so a crash catches some mid-flight and completions come back
-    out of order, which is what inflight tracking exists for.
+    Needs /e2e/pattern and /e2e/pattern2 (each `chunk` bytes). Why parallel: several
+    requests are in flight at once (on more than one queue when the guest has several
+    CPUs), so a crash catches some mid-flight. Why a time floor: on a fast (KVM) guest the
+    rounds alone would be over before the host's kills land. Once the rounds fill the disk
+    they start over on the same ranges with the other pattern, so a lost write can never
+    hide behind an identical earlier one.
     """
     assert chunk % BS == 0
-    head = 'WANT=$(md5sum < /e2e/pattern | cut -d" " -f1)\n'
-    return head + LOOP.format(rounds=rounds, streams=streams, count_blocks=chunk // BS, bs=BS, dev="vda")
+    lap = disk_size // (streams * chunk)
+    assert lap >= 1, "disk too small for one round"
+    return LOOP.format(
+        min_rounds=min_rounds, max_rounds=max_rounds, lap=lap, streams=streams,
+        count_blocks=chunk // BS, bs=BS, dev="vda", min_seconds=min_seconds,
+    )
+
+
+def loop_expected_image(rounds_done: int, streams: int, chunk: int, disk_size: int,
+                        patterns: tuple[bytes, bytes]) -> dict[int, bytes]:
+    """Offset -> the bytes `loop_script` left there after `rounds_done` rounds."""
+    lap = disk_size // (streams * chunk)
+    expected: dict[int, bytes] = {}
+    for r in range(max(0, rounds_done - lap), rounds_done):  # the last write of each slot wins
+        data = patterns[(r // lap) % 2]
+        for s in range(streams):
+            expected[((r % lap) * streams + s) * chunk] = data
+    return expected
 
 
 def combine(parts: dict[str, str]) -> str:

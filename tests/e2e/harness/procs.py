@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -22,6 +23,11 @@ _LIVE: list[subprocess.Popen] = []
 
 def spawn(cmd: list[str], log_path: Path, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
     """Start `cmd` in its own session with stdout+stderr appended to `log_path`."""
+    if shutil.which(cmd[0]) is None:
+        raise FileNotFoundError(
+            f"{cmd[0]} is not installed (Debian: qemu-system-x86 / qemu-system-common); "
+            "run `make system-packages`"
+        )
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out: IO[bytes] = open(log_path, "ab")
     try:

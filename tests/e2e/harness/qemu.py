@@ -19,7 +19,7 @@ from typing import Callable
 
 from . import procs
 from .initramfs import base_initramfs, compose_initrd
-from .kernel import CACHE_DIR, GuestKernel, HarnessError
+from .kernel import CACHE_DIR, GuestKernel
 
 log = logging.getLogger("e2e.qemu")
 
@@ -322,7 +322,9 @@ def choose_accel(kernel: GuestKernel) -> str:
         verdict = _kvm_trial(kernel)
         known[key] = verdict
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(known, indent=1))
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, cache)  # concurrent runs never see half a file
         log.warning("accel=%s (trial boot: %s)", verdict["accel"], verdict["why"])
     _ACCEL_MEMO[kernel.release] = verdict["accel"]
     return verdict["accel"]
