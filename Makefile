@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_PACKAGES := libcap-dev libseccomp2 qemu-system-x86 qemu-system-common qemu-utils \
-                busybox-static cpio zstd xz-utils kmod
+                busybox-static cpio zstd xz-utils fio
 PYTEST_FLAGS ?=
 
 .PHONY: all setup system-packages demo test e2e bench clean
@@ -44,6 +44,7 @@ e2e: setup
 bench: setup
 	$(PY) -m benchmarks.block
 	$(PY) -m benchmarks.supervisor
+	$(PY) -m benchmarks.guest_fio
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

@@ -884,12 +884,14 @@ class BlockDriver:
             s.nbytes = 0
             self.slots.append(s)
             self._by_head[s.head] = s
-        self._free = list(reversed(self.slots))
+        self._other_done: dict[int, int] = {}
         self.by_head = self._by_head
         self.completed = 0
 
     # ---- hot path
     def _start(self, s: _Slot, op: int, sector: int, addr: int, nbytes: int, write: bool) -> None:
+        if s.busy:
+            raise ValueError(f"slot with head {s.head} already has a request in flight")
         hq = s.hdr_q
         hq[0] = op
         hq[1] = sector
@@ -903,7 +905,11 @@ class BlockDriver:
         self.queue.resubmit(s.head)
 
     def free_slot(self) -> _Slot | None:
-        return self._free.pop() if self._free else None
+        """A slot with no request in flight, or None (a scan: depth is small)."""
+        for s in self.slots:
+            if not s.busy:
+                return s
+        return None
 
     def submit_read(self, s: _Slot, sector: int, nbytes: int) -> None:
         """Start a read of ``nbytes`` at ``sector`` into ``s.data`` (kick later)."""
@@ -926,30 +932,37 @@ class BlockDriver:
         self._start(s, VIRTIO_BLK_T_GET_ID, 0, s.data_gpa, VIRTIO_BLK_ID_BYTES, True)
 
     def complete(self, timeout: float | None = None, check: bool = True) -> list[_Slot]:
-        """Wait for completions; returns the finished slots (back on the free list)."""
+        """Wait for completions; returns the finished slots (free again).
+        With ``check``, a status other than OK (or a read whose used len is not
+        data + status) raises ``BlockError`` after the whole batch was taken in."""
         done = self.queue.wait_used(self.timeout if timeout is None else timeout)
         out = []
+        error: BlockError | None = None
         by_head = self._by_head
         for head, length in done:
-            s = by_head[head]
+            s = by_head.get(head)
+            if s is None:        # a chain submitted outside the slots (flush)
+                self._other_done[head] = length
+                continue
             s.busy = False
-            status = s.status[0]
-            if check and status != VIRTIO_BLK_S_OK:
-                self._free.append(s)
-                raise BlockError(s.op, status, f" (used len {length})")
-            if check and s.op == "read" and length != s.nbytes + 1:
-                self._free.append(s)
-                raise BlockError(s.op, status, f": used len {length}, expected {s.nbytes + 1}")
-            self._free.append(s)
             out.append(s)
+            if check and error is None:
+                status = s.status[0]
+                if status != VIRTIO_BLK_S_OK:
+                    error = BlockError(s.op, status, f" (used len {length})")
+                elif s.op == "read" and length != s.nbytes + 1:
+                    error = BlockError(s.op, status, f": used len {length}, expected {s.nbytes + 1}")
         self.completed += len(out)
+        if error is not None:
+            raise error
         return out
 
     # ---- one request at a time (tests)
-    def _one(self, start, *args) -> _Slot:
-        s = self.free_slot()
+    def _one(self, s: _Slot | None, start, *args) -> _Slot:
         if s is None:
-            raise BufferError("all slots busy; complete() first")
+            s = self.free_slot()
+            if s is None:
+                raise BufferError("all slots busy; complete() first")
         start(s, *args)
         self.queue.kick()
         while s.busy:
@@ -958,7 +971,7 @@ class BlockDriver:
 
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
-        s = self._one(self.submit_read, offset // SECTOR, length)
+        s = self._one(None, self.submit_read, offset // SECTOR, length)
         return bytes(s.data[:length])
 
     def write(self, offset: int, data: bytes) -> None:
@@ -967,39 +980,39 @@ class BlockDriver:
         if s is None:
             raise BufferError("all slots busy; complete() first")
         s.data[:len(data)] = data
-        self._free.append(s)
-        self._one(self.submit_write, offset // SECTOR, len(data))
+        self._one(s, self.submit_write, offset // SECTOR, len(data))
 
     def flush(self) -> None:
+        """A FLUSH (header + status, no data: the general ``submit`` path);
+        waits for it, taking in other completions on the way."""
         s = self.free_slot()
         if s is None:
             raise BufferError("all slots busy; complete() first")
-        self._free.append(s)
-        BLK_HDR.pack_into(s.hdr, 0, VIRTIO_BLK_T_FLUSH, 0, 0)
-        s.status[0] = 0xFF
-        head = self.queue.submit([(s.hdr_gpa, BLK_HDR.size)], [(s.status_gpa, 1)])
-        self.queue.kick()
-        deadline = time.monotonic() + self.timeout
-        while True:
-            for h, _length in self.queue.wait_used(max(0.0, deadline - time.monotonic())):
-                if h == head:
-                    if s.status[0] != VIRTIO_BLK_S_OK:
-                        raise BlockError("flush", s.status[0])
-                    return
-                other = self._by_head[h]
-                other.busy = False
-                self._free.append(other)
+        s.busy = True   # its header and status buffers carry the flush
+        try:
+            BLK_HDR.pack_into(s.hdr, 0, VIRTIO_BLK_T_FLUSH, 0, 0)
+            s.status[0] = 0xFF
+            head = self.queue.submit([(s.hdr_gpa, BLK_HDR.size)], [(s.status_gpa, 1)])
+            self.queue.kick()
+            deadline = time.monotonic() + self.timeout
+            while head not in self._other_done:
+                self.complete(max(0.0, deadline - time.monotonic()), check=False)
+            del self._other_done[head]
+        finally:
+            s.busy = False
+        if s.status[0] != VIRTIO_BLK_S_OK:
+            raise BlockError("flush", s.status[0])
 
     def discard(self, offset: int, length: int, unmap: bool = False) -> None:
         self._check(offset, length)
-        self._one(self.submit_segment, VIRTIO_BLK_T_DISCARD, offset // SECTOR, length // SECTOR, int(unmap))
+        self._one(None, self.submit_segment, VIRTIO_BLK_T_DISCARD, offset // SECTOR, length // SECTOR, int(unmap))
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         self._check(offset, length)
-        self._one(self.submit_segment, VIRTIO_BLK_T_WRITE_ZEROES, offset // SECTOR, length // SECTOR, int(unmap))
+        self._one(None, self.submit_segment, VIRTIO_BLK_T_WRITE_ZEROES, offset // SECTOR, length // SECTOR, int(unmap))
 
     def get_id(self) -> bytes:
-        s = self._one(self.submit_get_id)
+        s = self._one(None, self.submit_get_id)
         return bytes(s.data[:VIRTIO_BLK_ID_BYTES]).rstrip(b"\0")
 
     def _check(self, offset: int, length: int) -> None:
@@ -1014,9 +1027,11 @@ class BlockDriver:
         pending = {}
         nxt = 0
         while nxt < len(ops) or pending:
-            while nxt < len(ops) and self._free:
+            while nxt < len(ops):
+                s = self.free_slot()
+                if s is None:
+                    break
                 op, offset, arg = ops[nxt]
-                s = self._free.pop()
                 if op == "read":
                     assert isinstance(arg, int)
                     self._check(offset, arg)
@@ -1032,7 +1047,7 @@ class BlockDriver:
                 nxt += 1
             self.queue.kick()
             for s in self.complete():
-                i = pending.pop(s.head)
-                if ops[i][0] == "read":
+                i = pending.pop(s.head, None)
+                if i is not None and ops[i][0] == "read":
                     results[i] = bytes(s.data[:s.nbytes])
         return results

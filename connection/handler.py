@@ -425,7 +425,9 @@ class DeviceRequestHandler(Backend):
 
     def _set_vring_addr(self, msg: Message) -> None:
         addr = decode_vring_addr(msg.payload)
-        queue = self._stopped_queue(msg, addr.index)
+        # Allowed on a started ring too (the spec lets the front-end move
+        # rings while they run, e.g. for logging); the ring maps them at once.
+        queue = self._queue(msg, addr.index)
         if addr.flags & ~1:
             raise ProtocolError(f"SET_VRING_ADDR: unknown flags {addr.flags:#x} for vring {addr.index}")
         queue.set_addresses(addr)

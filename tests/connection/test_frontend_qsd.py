@@ -315,3 +315,21 @@ def test_connect_waits_for_a_late_listener(tmp_path):
     finally:
         t.join()
         listener.close()
+
+
+def test_block_driver_never_reuses_a_busy_slot(qsd_plain):
+    """A slot (and so its descriptors) is reused only after its used entry was
+    seen: the driver bug that makes qsd print "request missing headers"."""
+    fe, q = start(qsd_plain.sock, queue_size=32)
+    with fe:
+        blk = BlockDriver(q, depth=4)
+        for s in blk.slots:
+            blk.submit_read(s, 0, 4096)
+        assert blk.free_slot() is None
+        with pytest.raises(ValueError, match="in flight"):
+            blk.submit_read(blk.slots[0], 8, 4096)
+        q.kick()
+        while q.outstanding:
+            blk.complete()
+        assert blk.run([("read", 0, 4096)] * 10) == [bytes(4096)] * 10
+        assert q.outstanding == 0 and all(not s.busy for s in blk.slots)

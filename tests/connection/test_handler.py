@@ -348,6 +348,18 @@ def test_get_vring_base_stops_and_a_restart_resumes(server: Server) -> None:
         assert fe.stop_queue(1) == 0
 
 
+def test_set_vring_addr_on_a_running_ring(server: Server) -> None:
+    with VhostUserFrontend.connect(server.path) as fe:
+        fe.negotiate()
+        fe.setup_memory(4 << 20)
+        q = fe.setup_queue(0, 16)
+        fe.request(R.SET_VRING_ADDR, encode_vring_addr(q.vring_addr()))      # same rings: fine
+        assert _roundtrip(q, b"still") == _xor(b"still")
+        bad = q.vring_addr()._replace(used=0x1000)                           # not guest memory
+        with pytest.raises(ProtocolError, match="acked failure"):
+            fe.request(R.SET_VRING_ADDR, encode_vring_addr(bad))
+
+
 def test_nofd_kick_polls_the_ring(server: Server) -> None:
     with VhostUserFrontend.connect(server.path) as fe:
         fe.negotiate()
