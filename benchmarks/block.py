@@ -72,6 +72,8 @@ class Cell:
     mbps: float
     driver_cpu: float    # fraction of one CPU the driver used
     device_cpu: float    # fraction of one CPU the back-end used (all threads)
+    calls_per_io: float = 0.0   # call-eventfd wake-ups of the driver per request
+    kicks_per_io: float = 0.0   # kicks the driver had to send per request
 
 
 @dataclass
@@ -141,6 +143,7 @@ def run_cell(t: Target, w: Workload, seconds: float, offsets: list[int], stall_t
     slots = blk.slots[:w.depth]
     i = 0
     count = 0
+    calls0, kicks0 = q.calls, q.kicks
     dev_cpu0 = t.proc.cpu_seconds()
     drv0 = time.process_time()
     t0 = time.perf_counter()
@@ -156,6 +159,7 @@ def run_cell(t: Target, w: Workload, seconds: float, offsets: list[int], stall_t
         done = wait_used(stall_timeout)
         for head, _length in done:
             s = by_head[head]
+            s.busy = False
             if s.status[0]:
                 raise BlockError(w.op, s.status[0], f" at request {count}")
             count += 1
@@ -169,7 +173,8 @@ def run_cell(t: Target, w: Workload, seconds: float, offsets: list[int], stall_t
     drv = time.process_time() - drv0
     dev = t.proc.cpu_seconds() - dev_cpu0
     iops = count / elapsed
-    return Cell(iops, iops * nbytes / 1e6, drv / elapsed, dev / elapsed)
+    return Cell(iops, iops * nbytes / 1e6, drv / elapsed, dev / elapsed,
+                (q.calls - calls0) / max(count, 1), (q.kicks - kicks0) / max(count, 1))
 
 
 def verify(t: Target, size: int) -> None:
@@ -325,7 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                     res.cells.setdefault((w.label, t.name), []).append(cell)
                     print(f"  round {r + 1} {w.label:<18} {t.name:<4} {cell.iops:>10,.0f} IOPS "
                           f"{cell.mbps:>8.1f} MB/s  dev CPU {cell.device_cpu * 100:3.0f}%  "
-                          f"drv CPU {cell.driver_cpu * 100:3.0f}%", file=sys.stderr, flush=True)
+                          f"drv CPU {cell.driver_cpu * 100:3.0f}%  calls/IO {cell.calls_per_io:.2f} "
+                          f"kicks/IO {cell.kicks_per_io:.2f}", file=sys.stderr, flush=True)
     except Exception:
         traceback.print_exc()
         ok = False

@@ -29,7 +29,7 @@ from .transport import AsyncMessageSocket, check_unix_stream
 
 log = logging.getLogger("vhost.connection")
 
-_DISCONNECT_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+_DISCONNECT_ERRORS = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, ConnectionClosed)
 
 
 # ----------------------------------------------------------------------
@@ -48,9 +48,6 @@ async def serve_connection(sock: socket.socket, handler: Backend, ex: Executor) 
         while True:
             try:
                 msg = await msock.recv()
-            except ConnectionClosed as e:
-                log.info("front-end disconnected: %s", e)
-                return
             except ProtocolError as e:
                 log.warning("connection ended: malformed message: %s", e)
                 return

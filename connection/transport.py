@@ -21,6 +21,8 @@ from .protocol import (FLAG_REPLY, HEADER, HEADER_SIZE, MAX_FDS, MAX_PAYLOAD, VE
 
 _ANCILLARY_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 _RECV_FLAGS = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+#: Longest a back-end reply may wait for room in the socket buffer.
+SEND_TIMEOUT = 5.0
 
 
 def check_unix_stream(sock: socket.socket) -> None:
@@ -186,13 +188,18 @@ class AsyncMessageSocket:
 
     def send(self, request: int, flags: int, payload: bytes = b"", fds: Sequence[int] = ()) -> None:
         """Send one reply.  Replies are small, so a full socket buffer means a
-        front-end that stopped reading; we block briefly rather than queue."""
+        front-end that stopped reading; we block briefly rather than queue,
+        and give up after ``SEND_TIMEOUT`` seconds with ConnectionClosed
+        (blocking forever would freeze every queue and signal of the device)."""
         data = encode_message(request, flags, payload)
-        self.sock.setblocking(True)
+        self.sock.settimeout(SEND_TIMEOUT)
         try:
             sent = self.sock.sendmsg([data], _ancillary(fds))
             if sent < len(data):
                 self.sock.sendall(data[sent:])
+        except TimeoutError:
+            raise ConnectionClosed(f"{request_name(request)}: front-end stopped reading replies "
+                                   f"for {SEND_TIMEOUT}s") from None
         finally:
             self.sock.setblocking(False)
 

@@ -100,11 +100,44 @@ def _recv_expect(ch: socket.socket, expected: bytes, step: str) -> None:
     raise JailError(step, errno.EPROTO, f"handshake: expected {expected!r}, got {msg!r}")
 
 
+DEVICE_EXIT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _device_signal_exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def install_device_signal_handlers() -> None:
+    """SIGTERM/SIGINT/SIGHUP raise SystemExit(128+sig) in the device.
+
+    The device is pid 1 of its pid namespace: a signal without a handler is
+    dropped there, even when sent from outside, so the forwarded SIGTERM would
+    do nothing.  The handler unwinds (finally blocks run); a device may
+    install its own (e.g. loop.add_signal_handler).
+    """
+
+    for sig in DEVICE_EXIT_SIGNALS:
+        signal.signal(sig, _device_signal_exit)
+
+
+def _reset_signal_state() -> None:
+    """A fork inherits the parent's blocked-signal mask and signal wakeup fd
+    (a supervisor blocking SIGTERM for its own loop would leave the device
+    deaf to it, and the wakeup fd number now names some other descriptor)."""
+
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # not the main thread: nothing was set from here
+        pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
 def _common_start(prep: Prepared, ch: socket.socket | None) -> None:
     """First steps in the forked child: parent-death signal, stdio, fd hygiene."""
 
     cfg = prep.config
     privileges.set_parent_death_signal(prep.parent_pid)
+    _reset_signal_state()
     prep.devnull = fds.open_devnull()
     keep = set(cfg.keep_fds)
     fds.setup_stdio(prep.devnull, cfg.log_fd, keep)
@@ -200,6 +233,7 @@ def _forwarder(prep: Prepared, device_pid: int, alive_w: int) -> None:
 
     for sig in FORWARDED_SIGNALS:
         signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
     privileges.lock_securebits()
     privileges.switch_ids(prep.ids.inner_uid, prep.ids.inner_gid)
     privileges.set_parent_death_signal(prep.parent_pid)
@@ -240,8 +274,15 @@ def _enter_namespaces(prep: Prepared, ch: socket.socket, helper: int | None) -> 
         ch.close()
         device_ch = None
     alive_r, alive_w = os.pipe()
+    # Signals for the device that reach F before its forwarding handlers are
+    # installed stay pending instead of killing F, then get forwarded.
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
     pid = os.fork()
     if pid == 0:
+        # After the fork: at-fork hooks of the embedding program may have
+        # reset dispositions in this child.
+        install_device_signal_handlers()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
         os.close(alive_w)
         _device_in_namespaces(prep, device_ch, alive_r, root_fd, sources)
         return

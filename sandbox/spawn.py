@@ -23,7 +23,6 @@ from .compiler import syscall_name
 from .config import JAIL_SETUP_FAILED, JailConfig, JailError
 
 HANDSHAKE_TIMEOUT = 10.0
-DEVICE_EXIT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -130,13 +129,6 @@ class JailedChild:
         return f"JailedChild(name={self.name!r}, pid={self.pid}, device_pid={self.device_pid})"
 
 
-def _device_signal_exit(signum: int, _frame: object) -> None:
-    # The device is pid 1 of its pid namespace: signals without a handler are
-    # dropped there, so give SIGTERM & co a handler that unwinds (finally
-    # blocks run) and exits 128+signum.  Devices may install their own.
-    raise SystemExit(128 + signum)
-
-
 def _child(prep: jail.Prepared, ch: socket.socket, target: Callable[[], int]) -> None:
     """Runs in the forked child; never returns (os._exit)."""
 
@@ -148,9 +140,9 @@ def _child(prep: jail.Prepared, ch: socket.socket, target: Callable[[], int]) ->
         sys.stdout = open(1, "w", closefd=False, buffering=1, errors="replace")
         sys.stderr = open(2, "w", closefd=False, buffering=1, errors="replace")
         # Before the jail: rt_sigaction need not be in the device's policy.
-        # The forwarder replaces them with its own forwarding handlers.
-        for sig in DEVICE_EXIT_SIGNALS:
-            signal.signal(sig, _device_signal_exit)
+        # (With namespaces the device, forked later, installs them again; the
+        # forwarder replaces them with its forwarding handlers.)
+        jail.install_device_signal_handlers()
         try:
             jail.run_jail(prep, ch)
         except JailError as e:

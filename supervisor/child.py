@@ -28,8 +28,19 @@ _PARENT_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1
                    signal.SIGCHLD)
 
 
+_fork_reset_enabled = False
+
+
+def enable_fork_signal_reset() -> None:
+    """Turn on ``_reset_signals_in_child`` for every later fork of this process
+    (the supervisor calls it before installing its signal handlers; other
+    programs that merely import this module are left alone)."""
+    global _fork_reset_enabled
+    _fork_reset_enabled = True
+
+
 def _reset_signals_in_child() -> None:
-    """Runs right after every fork, in the child.
+    """Runs right after every fork of the supervisor, in the child.
 
     The parent's loop routes signals through ``signal.set_wakeup_fd`` into a
     socket it shares with the child after fork: a SIGTERM to the child would
@@ -38,6 +49,8 @@ def _reset_signals_in_child() -> None:
     SIGINT is ignored: a Ctrl-C on the supervisor's terminal reaches the whole
     process group, and the supervisor stops its children itself.
     """
+    if not _fork_reset_enabled:
+        return
     try:
         signal.set_wakeup_fd(-1)
     except (ValueError, OSError):

@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 
 from . import logs
-from .child import READY_BYTE, ChildProcess, spawn_child
+from .child import READY_BYTE, ChildProcess, enable_fork_signal_reset, spawn_child
 from .config import ConfigError, SupervisorConfig
 from .control import ControlError, ControlServer, bind_control_socket, socket_in_use
 from .metrics import process_metrics, unix_connections
@@ -72,6 +72,7 @@ class Supervisor:
         self.started_wall = time.time()
         self.started_mono = time.monotonic()
         self.ready_sent = False
+        self.all_started = False
         self._done: asyncio.Future[None] | None = None
         self._changed: asyncio.Event | None = None
         self._log_bufs: dict[int, bytearray] = {}
@@ -99,6 +100,12 @@ class Supervisor:
         self.loop = asyncio.get_running_loop()
         self._done = self.loop.create_future()
         self._changed = asyncio.Event()
+        # Handlers first: a SIGTERM from here on is a clean shutdown, never a
+        # death that leaves socket files behind.  Children reset them at fork.
+        enable_fork_signal_reset()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.request_shutdown, sig)
+        self.loop.add_signal_handler(signal.SIGHUP, lambda: None)
         missing = preimport_child_modules()
         if missing:
             logs.event(None, "preimport-missing", logging.DEBUG, modules=",".join(missing))
@@ -108,9 +115,6 @@ class Supervisor:
             self.close_resources()
             raise
         try:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.loop.add_signal_handler(sig, self.request_shutdown, sig)
-            self.loop.add_signal_handler(signal.SIGHUP, lambda: None)
             await self.control.start()  # type: ignore[union-attr]
             logs.event(None, "start", devices=len(self.slots), control_socket=self.cfg.control_socket,
                        sandbox="off" if self.cfg.disable_sandbox else "on", pid=os.getpid())
@@ -120,6 +124,8 @@ class Supervisor:
                 if self.stopping:
                     break
                 self._start(slot)
+                await asyncio.sleep(0)   # let exits, signals and control requests in between forks
+            self.all_started = True
             self._maybe_ready()
             self._schedule_refresh()
             if self.notifier.watchdog_interval:
@@ -387,7 +393,7 @@ class Supervisor:
 
     def _maybe_ready(self) -> None:
         """READY=1 once every socket listens and every first child has settled."""
-        if not self.ready_sent and not self.stopping and \
+        if not self.ready_sent and not self.stopping and self.all_started and \
                 all(s.first_attempt_done or s.state is State.STOPPED for s in self.slots.values()):
             self.ready_sent = True
             logs.event(None, "ready", summary=self.summary(),

@@ -438,6 +438,39 @@ def test_serve_loop_peer_reset_is_a_disconnect(lt: LoopThread) -> None:
     assert backend.disconnected == 1
 
 
+def test_front_end_that_stops_reading_is_dropped(lt: LoopThread, monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """Replies never block the device's loop for long: a front-end that sends
+    requests but reads no reply is disconnected after SEND_TIMEOUT."""
+    import connection.transport as transport
+    monkeypatch.setattr(transport, "SEND_TIMEOUT", 0.2)
+    caplog.set_level(logging.INFO, "vhost.connection")
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    backend = EchoBackend(reply_ack=False)
+    fut = lt.submit(VhostUserStream(b).run_req_handler(backend, lt.ex))
+    a.settimeout(3)
+    request = HEADER.pack(R.GET_FEATURES, VERSION, 0)
+    try:
+        for _ in range(5000):
+            a.sendall(request)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    assert fut.result(5) is None
+    assert backend.disconnected == 1
+    assert any("stopped reading" in r.getMessage() for r in caplog.records), caplog.text
+    a.close()
+
+
+def test_package_reexports_the_public_names() -> None:
+    import connection
+    for name in ("VhostUserConnection", "VhostUserListener", "VhostUserStream", "ParentResources",
+                 "Backend", "DeviceRequestHandler", "Executor", "VhostUserDevice", "VhostUserDeviceBuilder",
+                 "GuestMemory", "Virtqueue", "InflightRegion", "ProtocolError", "VhostUserError"):
+        assert getattr(connection, name) is not None
+        assert name in connection.__all__
+
+
 def test_connection_abc_defaults() -> None:
     class Minimal(VhostUserConnection):
         async def run_req_handler(self, handler: Backend, ex: Executor) -> None:

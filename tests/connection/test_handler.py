@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +19,7 @@ from connection.connection import VhostUserListener
 from connection.errors import ProtocolError
 from connection.frontend import VhostUserFrontend
 from connection.handler import GENERIC_PROTOCOL_FEATURES, DeviceRequestHandler
-from connection.protocol import (CONFIG_HEADER, MAX_MEM_SLOTS, VERSION, FrontendReq, InflightInfo,
+from connection.protocol import (CONFIG_HEADER, MAX_MEM_SLOTS, FrontendReq, InflightInfo,
                                  MemoryRegion, ProtocolFeature, VirtioFeature, VringAddr,
                                  decode_config, decode_inflight, decode_vring_state, encode_config,
                                  encode_inflight, encode_mem_table, encode_single_region, encode_u64,

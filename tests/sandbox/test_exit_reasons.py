@@ -75,7 +75,7 @@ def test_sigterm_is_forwarded_and_unwinds_the_device():
     time.sleep(0.05)
     os.kill(child.pid, signal.SIGTERM)  # the supervisor signals the pid it holds: the forwarder
     reason = wait(child)
-    assert (reason.kind, reason.code) == ("exited", 128 + signal.SIGTERM)
+    assert (reason.kind, reason.code) == ("exited", 128 + signal.SIGTERM), str(reason)
     assert os.read(r, 100) == b"cleaned up"
     os.close(r)
 
@@ -180,3 +180,15 @@ def test_no_process_left_behind():
         wait(spawn(_cfg(), lambda: 0))
     with pytest.raises(ChildProcessError):
         os.waitpid(-1, os.WNOHANG)
+
+
+def test_a_blocked_sigterm_in_the_supervisor_is_not_inherited():
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        child = spawn(_cfg(), lambda: time.sleep(30) or 0)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    time.sleep(0.05)
+    os.kill(child.pid, signal.SIGTERM)
+    reason = wait(child, timeout=5)
+    assert (reason.kind, reason.code) == ("exited", 128 + signal.SIGTERM), str(reason)

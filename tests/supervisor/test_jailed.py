@@ -100,3 +100,18 @@ def test_jailed_device_sigkill_reported_through_forwarder(sup: SupervisorProc) -
     assert not pid_alive(d["supervised_pid"])
     assert len(drive_rng(rng)) > 0
     assert sup.terminate() == 0
+
+
+def test_cli_dispatch_probe_policy_device(sup: SupervisorProc, capsys) -> None:
+    """The one command reaches the other packages' tools with their own arguments."""
+    rng = sup.path("rng.sock")
+    sup.start("--rng", f"vhost={rng}")
+    assert cli.main(["probe", rng, "--json", "--type", "rng"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["device_type"] == "rng"
+    assert cli.main(["policy", "check", str(default_policy_dir() / "rng.policy")]) == 0
+    capsys.readouterr()
+    assert cli.main(["device", "rng", "--print-capabilities"]) == 0
+    assert json.loads(capsys.readouterr().out)["type"] == "rng"
+    sup.wait_state("rng-0", "ready", pred=lambda d: d["restarts"] >= 1)  # the probe was one front-end
+    assert sup.terminate() == 0

@@ -13,6 +13,7 @@ import os
 import signal
 import time
 
+import psutil
 import pytest
 
 from supervisor.exercise import drive_block, drive_rng
@@ -89,7 +90,11 @@ def test_shutdown_grace_sigkills_a_stuck_child(sup: SupervisorProc) -> None:
     rng = sup.path("rng.sock")
     sup.start(*NOSANDBOX, "--grace-period", "0.5", "--rng", f"vhost={rng}")
     pid = sup.status()["rng-0"]["pid"]
-    os.kill(pid, signal.SIGSTOP)      # a stopped child cannot act on SIGTERM
+    os.kill(pid, signal.SIGSTOP)      # a stopped child cannot act on SIGTERM ...
+    deadline = time.monotonic() + 5
+    while psutil.Process(pid).status() != psutil.STATUS_STOPPED:  # ... once it has stopped
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
     t0 = time.monotonic()
     assert sup.terminate() == 0
     assert 0.4 < time.monotonic() - t0 < 5
