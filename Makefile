@@ -44,6 +44,7 @@ e2e: setup
 bench: setup
 	$(PY) -m benchmarks.block
 	$(PY) -m benchmarks.supervisor
+	$(PY) -m benchmarks.jail
 	$(PY) -m benchmarks.guest_fio
 
 clean:

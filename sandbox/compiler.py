@@ -12,6 +12,7 @@ compiling something different from what was written.
 
 from __future__ import annotations
 
+import copy
 import functools
 import itertools
 import os
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import pyseccomp as sc
 
-from .policy import U64, Action, Atom, Clause, Policy, PolicyError, SyscallRule, parse_policy
+from .policy import U64, Action, Atom, Clause, Policy, PolicyError, Source, SyscallRule, _merge, parse_policy
 
 DEFAULT_ACTIONS = ("kill-process", "notify", "log", "trap")
 MAX_CLAUSES = 256
@@ -190,10 +191,6 @@ def _add_extra(policy: Policy, extra_allow: tuple[tuple[str, int, int], ...]) ->
 
     if not extra_allow:
         return policy
-    import copy
-
-    from .policy import Source, _merge
-
     merged = copy.deepcopy(policy)
     for name, arg, value in extra_allow:
         atom = Atom(arg, "==", value, f"arg{arg} == {value}  (jail hand-over)")

@@ -202,6 +202,7 @@ def _device_in_namespaces(prep: Prepared, ch: socket.socket | None, alive_r: int
     os.close(alive_r)
     _forbid_nested_user_namespaces()
     mounts.build_and_pivot(cfg, root_fd, sources)
+    os.umask(0o077)  # anything a device creates in a writable bind mount is private
     libc.sethostname(cfg.name)
     _drop_privileges(prep, cfg.name)
     _finish_device(prep, ch)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .constants import CONSTANTS, errno_value
@@ -235,7 +236,7 @@ def _merge(rules: dict[str, SyscallRule], name: str, clauses: list[Clause] | Non
 
 
 def _parse_file(path: str, rules: dict[str, SyscallRule], files: list[str], depth: int,
-                stack: tuple[str, ...], known_syscall) -> None:
+                stack: tuple[str, ...], known_syscall: Callable[[str], bool]) -> None:
     files.append(path)
     for num, line in _logical_lines(path):
         src = Source(path, num)
@@ -274,7 +275,7 @@ def _parse_file(path: str, rules: dict[str, SyscallRule], files: list[str], dept
             _merge(rules, name, None, _action(body, src), None, src)
 
 
-def parse_policy(path: str | os.PathLike[str], known_syscall=None) -> Policy:
+def parse_policy(path: str | os.PathLike[str], known_syscall: Callable[[str], bool] | None = None) -> Policy:
     """Parse a policy and its includes into one merged rule set.
 
     `known_syscall(name) -> bool` checks names (the compiler passes libseccomp's

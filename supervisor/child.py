@@ -279,8 +279,25 @@ def _plain_child(target: Callable[[], int], keep: set[int], log_w: int, parent: 
         os._exit(rc if isinstance(rc, int) else 1)
 
 
+def _user_threads() -> int:
+    """Threads of this process, not counting io_uring's kernel workers (``iou-*``),
+    which libuv's io_uring backend may own and which fork does not copy."""
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().startswith("iou-"):
+                    continue
+        except OSError:
+            continue
+        n += 1
+    return n
+
+
 def _check_single_threaded() -> None:
-    if threading.active_count() != 1 or len(os.listdir("/proc/self/task")) != 1:
+    """fork() copies only the calling thread: a lock held by another would stay
+    locked forever in the child.  Refuse rather than risk it."""
+    if threading.active_count() != 1 or _user_threads() != 1:
         raise RuntimeError("refusing to fork a device child: the supervisor is not single-threaded")
 
 

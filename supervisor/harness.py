@@ -31,12 +31,13 @@ class SupervisorProcess:
         self.pids: set[int] = set()
         self.t_start = 0.0
 
-    def start(self, *args: str, wait_ready: bool = True, timeout: float = 60.0) -> float:
+    def start(self, *args: str, wait_ready: bool = True, timeout: float = 60.0,
+              env: dict[str, str] | None = None) -> float:
         """Start; returns seconds from exec to READY=1 (0 if not waited)."""
         if self.notify is None:
             self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self.notify.bind(self.notify_path)
-        env = dict(os.environ, NOTIFY_SOCKET=self.notify_path)
+        env = dict(os.environ, NOTIFY_SOCKET=self.notify_path, **(env or {}))
         self.messages.clear()
         with open(self.log_path, "ab") as log:
             self.t_start = time.monotonic()
@@ -48,7 +49,11 @@ class SupervisorProcess:
         return time.monotonic() - self.t_start
 
     def wait_notify(self, what: str, timeout: float = 10.0) -> str:
+        """The first sd_notify datagram (since start) containing ``what``."""
         assert self.notify is not None
+        for m in self.messages:
+            if what in m:
+                return m
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             exited = self.proc is not None and self.proc.poll() is not None
@@ -91,14 +96,31 @@ class SupervisorProcess:
             time.sleep(interval)
         raise RuntimeError(f"{name} not in {states} after {timeout}s: {d}")
 
+    def children(self) -> list[int]:
+        """Every live descendant of the supervisor (device children, jail forwarders)."""
+        import psutil
+        if self.proc is None:
+            return []
+        try:
+            return [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
     def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; on a timeout, dump the supervisor's stacks into its log first."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGUSR2)
+            time.sleep(0.5)
+            raise
 
     def cleanup(self) -> None:
         """SIGKILL whatever is left (the supervisor and any child it reported)."""
         if self.proc is not None and self.proc.poll() is None:
+            self.pids.update(self.children())
             self.proc.kill()
             self.proc.wait(10)
         for pid in self.pids:

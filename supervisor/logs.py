@@ -131,3 +131,33 @@ def child_line(device: str, pid: int, text: str) -> None:
             event(device, "log", level, **fields)
             return
     event(device, "stderr", pid=pid, msg=text)
+
+
+class LineBudget:
+    """A token bucket per device for the lines its children write.
+
+    A jailed child is not trusted: one that floods stderr must not flood the
+    journal or keep the supervision loop busy.  Lines over the budget are
+    counted and reported as one ``event=log-suppressed`` line.
+    """
+
+    def __init__(self, rate: float = 200.0, burst: float = 2000.0) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = time.monotonic()
+        self.suppressed = 0
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        self.suppressed += 1
+        return False
+
+    def take_suppressed(self) -> int:
+        n, self.suppressed = self.suppressed, 0
+        return n

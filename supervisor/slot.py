@@ -11,6 +11,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from .logs import LineBudget
+
 BACKOFF_INITIAL = 0.1      # seconds after the first crash
 BACKOFF_MAX = 10.0         # the doubling stops here
 BACKOFF_RESET_UPTIME = 60.0  # a child that ran this long resets the backoff
@@ -134,6 +136,7 @@ class DeviceSlot:
     kill_timer: Any = None
     proc: Any = None                 # psutil.Process of the current child (CPU % between queries)
     first_attempt_done: bool = False
+    log_budget: Any = field(default_factory=lambda: LineBudget())  # stderr lines per second, per device
 
     @property
     def name(self) -> str:

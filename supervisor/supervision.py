@@ -264,14 +264,22 @@ class Supervisor:
             rest = b""
         buf[:] = rest
         hint = False
+        budget = slot.log_budget
         for line in lines:
             text = line.decode("utf-8", "replace").rstrip("\r")
-            if text:
-                logs.child_line(slot.name, child.device_pid, text[:MAX_LOG_LINE])
-                hint = hint or "front-end connected" in text
+            if not text or not budget.allow():
+                continue
+            dropped = budget.take_suppressed()
+            if dropped:
+                logs.event(slot.name, "log-suppressed", logging.WARNING, pid=child.device_pid, lines=dropped)
+            logs.child_line(slot.name, child.device_pid, text[:MAX_LOG_LINE])
+            hint = hint or "front-end connected" in text
         if hint and not final:
             # The child says it accepted; /proc/net/unix is what we believe.
             self.refresh_frontends()
+        if final and budget.suppressed:
+            logs.event(slot.name, "log-suppressed", logging.WARNING, pid=child.device_pid,
+                       lines=budget.take_suppressed())
         if eof:
             if buf:
                 logs.child_line(slot.name, child.device_pid, bytes(buf).decode("utf-8", "replace"))

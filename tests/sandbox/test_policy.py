@@ -4,7 +4,6 @@ and static guarantees of the shipped policies."""
 from __future__ import annotations
 
 import errno
-import itertools
 import os
 
 import pyseccomp as sc

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 
-from sandbox import JailConfig, audit, spawn
+from sandbox import JailConfig, audit
 
 from .helpers import POLICY_DIR, run_in_jail
 

@@ -115,3 +115,24 @@ def test_cli_dispatch_probe_policy_device(sup: SupervisorProc, capsys) -> None:
     assert json.loads(capsys.readouterr().out)["type"] == "rng"
     sup.wait_state("rng-0", "ready", pred=lambda d: d["restarts"] >= 1)  # the probe was one front-end
     assert sup.terminate() == 0
+
+
+def test_jail_setup_failure_reported(sup: SupervisorProc, sup_dir: str) -> None:
+    """The pivot-root directory vanishes while the supervisor runs: the next
+    child cannot build its jail, and the operator reads the jail's own reason."""
+    root = os.path.join(sup_dir, "root")
+    os.mkdir(root)
+    rng = sup.path("rng.sock")
+    sup.start("--jail", f"pivot-root={root}", "--rng", f"vhost={rng}")
+    d = sup.status()["rng-0"]
+    os.rmdir(root)
+    os.kill(d["pid"], signal.SIGKILL)
+    d = sup.wait_state("rng-0", ("backoff", "failed", "starting"),
+                       pred=lambda x: (x["last_exit"] or {}).get("kind") == "jail_failed")
+    assert "root" in d["last_exit"]["message"], d["last_exit"]
+    assert "jail set-up failed" in d["last_exit"]["text"]
+    os.mkdir(root)          # the operator fixes it; restart clears the breaker
+    assert sup.request("restart", name="rng-0")["ok"]
+    sup.wait_state("rng-0", "ready")
+    assert len(drive_rng(rng)) > 0
+    assert sup.terminate() == 0

@@ -230,3 +230,23 @@ def test_json_logs_watchdog_and_status_line(sup: SupervisorProc) -> None:
     assert exits[0]["kind"] == "disconnected"
     child_logs = [r for r in records if r["event"] == "log" and r["device"] == "rng-0"]
     assert any("front-end connected" in r["msg"] for r in child_logs), "child log lines are tagged with the device"
+
+
+def test_no_fd_leak_across_restarts(sup: SupervisorProc) -> None:
+    """A supervisor runs for months: every child's pidfd, pipes and seccomp
+    listener must be closed when it is reaped."""
+    rng = sup.path("rng.sock")
+    sup.start("--rng", f"vhost={rng}")
+    assert sup.proc is not None
+
+    def settled_fds() -> int:
+        sup.wait_state("rng-0", "ready", pred=lambda d: d["frontend"] == "no")
+        return len(os.listdir(f"/proc/{sup.proc.pid}/fd"))
+
+    drive_rng(rng)
+    before = settled_fds()
+    for _ in range(30):
+        drive_rng(rng)
+    sup.wait_state("rng-0", "ready", pred=lambda d: d["restarts"] >= 31)
+    assert settled_fds() == before
+    assert sup.terminate() == 0

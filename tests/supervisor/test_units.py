@@ -159,3 +159,12 @@ def test_unix_connections_sees_queued_and_accepted() -> None:
     finally:
         srv.close()
         os.unlink(path)
+
+
+def test_line_budget_drops_a_flood_and_counts_it() -> None:
+    b = logs.LineBudget(rate=10.0, burst=5.0)
+    allowed = sum(b.allow() for _ in range(100))
+    assert allowed in (5, 6)
+    assert b.take_suppressed() == 100 - allowed and b.take_suppressed() == 0
+    b.stamp -= 1.0      # a second later the bucket has refilled (up to the burst)
+    assert sum(b.allow() for _ in range(100)) == 5
