@@ -32,7 +32,8 @@ API
         (what QEMU does after a back-end crash); kicks queues with requests outstanding.
     ``disconnect()``  closes the socket only (memory and queues stay for ``reconnect``)
     ``close()``       best-effort drain (1 s) and stop, then frees everything (also the context manager)
-    ``request(req, payload=b"", fds=(), reply=False) -> Message | None``  raw access for tests
+    ``request(req, payload=b"", fds=(), reply=False, ack=None) -> Message | None``  raw access
+    ``get_queue_num()``, ``enable_queue(index, enable=True)`` (SET_VRING_ENABLE)
     attributes: ``features`` / ``protocol_features`` (offered), ``acked_features`` /
     ``acked_protocol_features``, ``queue_num`` (GET_QUEUE_NUM or None), ``mem``, ``queues``.
 
@@ -52,11 +53,18 @@ API
         ``TimeoutError`` naming the queue when nothing completes in time.  A used
         ring that names a head not in flight raises ``QueueBrokenError``.
     ``broken()`` -> True once the back-end signalled the err eventfd.
+    ``desc_slot(head, pos)`` where a prepared descriptor lives (for one-``pack_into`` rewrites);
+    ``outstanding``, ``avail_idx``, ``last_used_idx``, ``used_idx`` (as published in memory),
+    ``kicks`` / ``calls`` counters (kicks sent, call wake-ups taken).
 
-``BlockDriver(queue, depth, max_io)``: virtio-blk requests on one queue; ``read``,
-``write``, ``flush``, ``discard``, ``write_zeroes``, ``get_id`` (one request, status
-checked: ``BlockError`` otherwise), ``submit_read/submit_write`` + ``complete`` for
-queue-depth loops, ``run_reads/run_writes`` for depth-N batches of known offsets.
+``BlockDriver(queue, depth=1, max_io=128 KiB, indirect=False, timeout=10.0)``: virtio-blk
+requests on one queue.  One request, status checked (``BlockError`` otherwise):
+``read``, ``write``, ``flush``, ``discard``, ``write_zeroes``, ``get_id``.  Batches:
+``run([("read", off, len) | ("write", off, data), ...])`` keeps ``depth`` in flight with
+one kick per batch.  Hot loops: ``free_slot()``, ``submit_read/submit_write(slot, sector,
+nbytes)``, ``queue.kick()``, ``complete()`` (or ``queue.wait_used`` + ``by_head``); a
+slot cannot be resubmitted while busy.  ``decode_blk_config(bytes)`` names the config
+fields; ``feature_names(value, IntFlag)`` names feature bits.
 
 Memory ordering: the host is little-endian x86 (asserted); ring stores happen in
 program order, and the two store-then-load points that need a full fence

@@ -46,8 +46,8 @@ def _wait_progress(q, done: int, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def _block_supervisor(workdir, image, sock, num_queues: int = 1) -> Supervisor:
-    spec = f"vhost={sock},path={image},name=disk0,num-queues={num_queues}"
+def _block_supervisor(workdir, image, sock, num_queues: int = 1, extra: str = "") -> Supervisor:
+    spec = f"vhost={sock},path={image},name=disk0,num-queues={num_queues}{extra}"
     return Supervisor(workdir, ["--block", spec], workdir / "supervisor.log")
 
 
@@ -214,13 +214,15 @@ def test_out_of_order_crash_breaks_qsd_without_inflight(make_qemu, workdir):
 def test_out_of_order_workload_crash_ours_loses_nothing(make_qemu, workdir):
     """The same guest workload and kill against our device: nothing lost, nothing replayed.
 
-    Our device serves each queue's requests synchronously, in order, so within a queue
-    its completions are in order; the inflight region makes the restart exact either way.
+    With direct=true our device runs requests on its I/O threads, so a slow write is
+    overtaken by later reads exactly as in the qemu-storage-daemon case: completions are
+    out of order, and only the inflight region (resubmitted in counter order on
+    reconnection) makes the restart exact.
     """
     image = gs.make_image(workdir / "disk.img", 32 * MiB)
     sock = workdir / "blk.sock"
     data = gs.pattern(seed=51, size=gs.BS)
-    sup = _block_supervisor(workdir, image, sock)
+    sup = _block_supervisor(workdir, image, sock, extra=",direct=true")
     try:
         sup.start([sock])
         q = make_qemu(name="ooo-ours")
