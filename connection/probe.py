@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import struct
 import sys
 from typing import Any
 
@@ -31,12 +32,18 @@ DEVICE_FEATURE_NAMES: dict[str, dict[int, str]] = {
     "console": {0: "CONSOLE_F_SIZE", 1: "CONSOLE_F_MULTIPORT", 2: "CONSOLE_F_EMERG_WRITE"},
     "rng": {},
 }
-#: Config sizes tried, largest first, when the type does not say (the largest one
-#: the back-end accepts is its config size: QEMU's and our devices refuse more).
-CONFIG_SIZES = (256, 128, 96, 72, 64, 60, 56, 40, 36, 32, 24, 16, 12, 8, 4)
-#: Config size QEMU's vhost-user-blk asks for (through the write-zeroes fields).
-BLOCK_CONFIG_SIZE = 60
-_BLK_HINT_BITS = (1 << 2) | (1 << 6) | (1 << 9)   # SEG_MAX, BLK_SIZE, FLUSH
+#: Config sizes tried per type, first accepted wins.  The type's full size
+#: comes first because some back-ends (ours) zero-pad any request up to 256
+#: bytes, so "the largest size accepted" is no measure of the config size.
+CONFIG_SIZES: dict[str, tuple[int, ...]] = {
+    "block": (60, 56, 40, 36, 32, 24, 20, 16, 8),   # 60: what QEMU's vhost-user-blk reads
+    "console": (12, 8, 4),
+    "rng": (),
+    "unknown": (256, 128, 96, 72, 64, 60, 56, 40, 36, 32, 24, 16, 12, 8, 4),
+}
+#: Device-specific bits only virtio-blk has among the types we know (console uses 0..2).
+_BLK_ONLY_BITS = sum(1 << b for b in (4, 5, 6, 9, 10, 11, 12, 13, 14, 15, 16, 17))
+_CONSOLE_BITS = 0b111
 
 
 def _parse_args(argv: list[str]) -> argparse.Namespace:
@@ -44,8 +51,9 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                                      description="Connect to a vhost-user back-end and show what it offers.")
     parser.add_argument("socket", help="path of the back-end's listening Unix socket")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument("--type", choices=("auto", "block", "console", "rng"), default="auto",
-                        help="device type for decoding (default: guessed from features and config size)")
+    parser.add_argument("--type", choices=("auto", "block", "console", "rng", "unknown"), default="auto",
+                        help="device type for naming feature bits and decoding the config "
+                             "(default: guessed from the feature bits)")
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the socket")
     return parser.parse_args(argv)
 
@@ -59,11 +67,14 @@ def _read_config(fe: VhostUserFrontend, sizes: tuple[int, ...]) -> bytes | None:
     return None
 
 
-def _guess_type(features: int, config: bytes | None) -> str:
-    size = len(config) if config else 0
-    if size >= 8 and (size > 12 or features & _BLK_HINT_BITS):
+def guess_type(features: int, has_config: bool) -> str:
+    """A device type from the offered feature bits: virtio-blk has bits no other
+    known type uses; a device with only bits 0..2 and a config space looks like
+    a console.  Anything else is "unknown" (use ``--type``)."""
+    device_bits = features & ((1 << 24) - 1)
+    if device_bits & _BLK_ONLY_BITS:
         return "block"
-    if size in (4, 8, 12):
+    if has_config and device_bits & ~_CONSOLE_BITS == 0 and device_bits:
         return "console"
     return "unknown"
 
@@ -74,23 +85,21 @@ def probe(path: str, device_type: str = "auto", timeout: float = 5.0) -> dict[st
     try:
         fe.negotiate(protocol_features=ProtocolFeature.MQ | ProtocolFeature.CONFIG | ProtocolFeature.REPLY_ACK,
                      set_features=False)
-        config: bytes | None = None
-        if fe.acked_protocol_features & ProtocolFeature.CONFIG:
-            sizes = CONFIG_SIZES
-            if device_type == "block":
-                sizes = (BLOCK_CONFIG_SIZE,) + CONFIG_SIZES
-            config = _read_config(fe, sizes)
+        has_config = bool(fe.acked_protocol_features & ProtocolFeature.CONFIG)
+        guessed = device_type == "auto"
+        if guessed:
+            device_type = guess_type(fe.features, has_config)
+        config = _read_config(fe, CONFIG_SIZES[device_type]) if has_config else None
     finally:
         fe.disconnect()
         fe.close()
-    if device_type == "auto":
-        device_type = _guess_type(fe.features, config)
     names = feature_names(fe.features & ~((1 << 24) - 1), VirtioFeature)
     device_names = DEVICE_FEATURE_NAMES.get(device_type, {})
     dev_bits = [device_names.get(bit, f"bit{bit}") for bit in range(24) if fe.features & (1 << bit)]
     result: dict[str, Any] = {
         "socket": path,
         "device_type": device_type,
+        "device_type_guessed": guessed,
         "features": fe.features,
         "feature_names": dev_bits + names,
         "protocol_features": fe.protocol_features,
@@ -101,6 +110,11 @@ def probe(path: str, device_type: str = "auto", timeout: float = 5.0) -> dict[st
     }
     if device_type == "block" and config:
         result["block"] = decode_blk_config(config)
+    if device_type == "console" and config and len(config) >= 4:
+        cols, rows = struct.unpack_from("<HH", config, 0)
+        result["console"] = {"cols": cols, "rows": rows}
+        if len(config) >= 8:
+            result["console"]["max_nr_ports"] = struct.unpack_from("<I", config, 4)[0]
     return result
 
 
@@ -111,7 +125,7 @@ def _hexdump(data: bytes) -> list[str]:
 def format_text(info: dict[str, Any]) -> str:
     lines = [
         f"socket: {info['socket']}",
-        f"device type: {info['device_type']}",
+        f"device type: {info['device_type']}{' (guessed from features)' if info['device_type_guessed'] else ''}",
         f"features: {info['features']:#018x} {' '.join(info['feature_names'])}",
         f"protocol features: {info['protocol_features']:#x} {' '.join(info['protocol_feature_names'])}",
         f"queues: {info['queue_num'] if info['queue_num'] is not None else 'unknown (no MQ)'}",
@@ -128,6 +142,9 @@ def format_text(info: dict[str, Any]) -> str:
         rest = " ".join(f"{k}={v}" for k, v in blk.items() if k != "capacity")
         if rest:
             lines.append(f"block: {rest}")
+    con = info.get("console")
+    if con:
+        lines.append("console: " + " ".join(f"{k}={v}" for k, v in con.items()))
     return "\n".join(lines)
 
 

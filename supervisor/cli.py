@@ -180,12 +180,15 @@ def cmd_policy(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # "device" and "probe" hand everything after them to the other packages' CLIs.
-    if argv and argv[0] == "device":
-        from devices import standalone
-        return int(standalone.main(argv[1:]) or 0)
-    if argv and argv[0] == "probe":
-        from connection import probe
-        return int(probe.main(argv[1:]) or 0)
+    if argv and argv[0] in ("device", "probe"):
+        if argv[0] == "device":
+            from devices.standalone import main as tool
+        else:
+            from connection.probe import main as tool
+        try:
+            return int(tool(argv[1:]) or 0)
+        except SystemExit as e:  # their argparse: --help, usage errors
+            return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_CONFIG)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

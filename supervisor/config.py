@@ -184,6 +184,11 @@ def _device_from_options(dtype: str, opts: dict[str, Any], origin: str, index: i
 
 def _apply_supervisor_keys(cfg: SupervisorConfig, table: dict[str, Any], where: str) -> None:
     for key, value in table.items():
+        if key == "jail":  # jail = {pivot-root = "..."} or jail = "pivot-root=...,..." (as --jail)
+            items = value.items() if isinstance(value, dict) else parse_keyvalues(str(value), "jail").items()
+            for k, v in items:
+                _apply_jail_key(cfg.jail, k, v)
+            continue
         if key not in SUPERVISOR_KEYS:
             raise ConfigError(f"unknown key in {where} (known: {', '.join(SUPERVISOR_KEYS)})", key)
         if key == "control-socket":

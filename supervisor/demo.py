@@ -55,6 +55,19 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _settle(sup: SupervisorProcess, n: int, served: set[int], timeout: float = 10.0) -> dict:
+    """Wait until all ``n`` devices are ready with a child that has not served
+    a front-end yet (the ones that did exit on the disconnect)."""
+    deadline = time.monotonic() + timeout
+    st = sup.status()
+    while time.monotonic() < deadline:
+        st = sup.status()
+        if len(st) == n and all(d["state"] == "ready" and d["pid"] not in served for d in st.values()):
+            break
+        time.sleep(0.01)
+    return st
+
+
 def run(disable_sandbox: bool = False, keep_log: bool = False) -> int:
     sandboxed = not disable_sandbox
     if sandboxed:
@@ -97,7 +110,7 @@ def run(disable_sandbox: bool = False, keep_log: bool = False) -> int:
         step("rng: 32 random bytes")
         print(drive_rng(sockets["rng"], 32).hex())
 
-        st = sup.status()
+        st = _settle(sup, 3, served=set(seen_pids))
         seen_pids.update(d["pid"] for d in st.values() if d["pid"])
         step("status after one front-end per device (each disconnect -> a fresh child at once)")
         print(format_table(sup.request("status")))
@@ -115,7 +128,7 @@ def run(disable_sandbox: bool = False, keep_log: bool = False) -> int:
         print(f"served again: the 64 KiB written before the kill read back identical ({back[:4].hex()})")
 
         step("status")
-        st = sup.status()
+        st = _settle(sup, 3, served={new["pid"]})
         seen_pids.update(d["pid"] for d in st.values() if d["pid"])
         print(format_table(sup.request("status")))
 

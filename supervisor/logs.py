@@ -58,7 +58,7 @@ class EventFormatter(logging.Formatter):
         level = record.levelname.lower()
         if self.fmt == "json":
             out = {"ts": _timestamp(record.created), "device": device, "event": event, "level": level}
-            out.update(fields)
+            out.update((k, v) for k, v in fields.items() if v is not None)
             return json.dumps(out, default=str, separators=(",", ":"))
         parts = [f"device={_quote(device)}", f"event={event}"]
         if level not in ("info",):

@@ -232,14 +232,17 @@ class Supervisor:
             self._maybe_ready()
 
     def _on_violation(self, slot: DeviceSlot, child: ChildProcess) -> None:
+        """The seccomp listener is readable: the device is blocked in a forbidden
+        syscall.  Answering (read_violation) names the syscall and kills it."""
         assert self.loop is not None
         vfd = child.violation_fd
-        if vfd is not None:
-            self.loop.remove_reader(vfd)
         name = child.read_violation()
         if name:
             child.violation = name  # type: ignore[attr-defined]
             logs.event(slot.name, "seccomp-violation", logging.WARNING, pid=child.device_pid, syscall=name)
+        if vfd is not None and (name or _hung_up(vfd)):
+            # one violation is fatal; a hang-up means the child is gone (the pidfd says the rest)
+            self.loop.remove_reader(vfd)
 
     def _on_log(self, slot: DeviceSlot, child: ChildProcess, final: bool = False) -> None:
         assert self.loop is not None
@@ -462,6 +465,8 @@ class Supervisor:
                 "restart_policy": s.spec.restart,
                 "last_exit": s.last_exit.as_dict() if s.last_exit else None,
                 "uptime": round(now - s.started_at, 3) if s.child and s.started_at else None,
+                "started": s.started_wall if s.child else None,
+                "last_exit_time": s.last_exit_time,
                 "frontend": fe.describe() if fe else "no",
                 "socket_inode": s.socket_inode,
                 "backoff_remaining": round(max(0.0, s.backoff_until - now), 3) if s.backoff_until else None,
@@ -588,3 +593,13 @@ class Supervisor:
             except OSError:
                 pass
 
+
+def _hung_up(fd: int) -> bool:
+    """POLLHUP on the seccomp listener: no task is left that could notify."""
+    import select
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    try:
+        return any(ev & (select.POLLHUP | select.POLLERR | select.POLLNVAL) for _, ev in p.poll(0))
+    except OSError:
+        return True

@@ -239,7 +239,9 @@ def test_event_idx_suppresses_kicks_and_calls(qsd_plain):
         assert q.event_idx
         blk = BlockDriver(q, depth=32)
         blk.run([("read", (i % 1000) * 4096, 4096) for i in range(2000)])
-        assert q.kicks <= 2000 and q.calls <= 2000
+        # one kick per batch at most, and fewer still when the device asks for none;
+        # at QD32 several completions share one call
+        assert q.kicks < 1500 and q.calls < 1500, (q.kicks, q.calls)
 
 
 def test_stop_returns_next_avail_index(qsd_plain):

@@ -114,3 +114,19 @@ def test_probe_missing_socket_fails_with_reason(tmp_path, capsys):
 
 def test_probe_bad_arguments():
     assert probe.main(["--type", "floppy", "/x"]) == 2
+
+
+def test_guess_type_from_feature_bits():
+    version_1 = 1 << 32
+    assert probe.guess_type(version_1 | (1 << 9) | (1 << 6), True) == "block"       # FLUSH, BLK_SIZE
+    assert probe.guess_type(version_1 | (1 << 2), True) == "console"                # EMERG_WRITE only
+    assert probe.guess_type(version_1 | (1 << 1) | (1 << 2), False) == "unknown"    # no config: ambiguous
+    assert probe.guess_type(version_1, False) == "unknown"                          # rng-like: say so via --type
+
+
+def test_probe_type_override_names_bits(qsd, capsys):
+    assert probe.main([qsd, "--type", "unknown", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["device_type"] == "unknown" and not info["device_type_guessed"]
+    assert "bit9" in info["feature_names"] and "block" not in info
+    assert info["config_size"] == 60   # qsd refuses anything larger than its config

@@ -44,6 +44,14 @@ def test_cli_flags_names_and_keys(sup_dir: str) -> None:
     assert cfg.jail.seccomp_policy_dir == str(C.default_policy_dir())
 
 
+def test_toml_jail_inline_forms(sup_dir: str) -> None:
+    path = os.path.join(sup_dir, "s.toml")
+    for form in ('jail = {seccomp-log-failures = true}', 'jail = "seccomp-log-failures=true"'):
+        with open(path, "w") as f:
+            f.write(f"[supervisor]\n{form}\n")
+        assert build_config(config_file=path, control_socket=f"{sup_dir}/c.sock").jail.seccomp_log_failures
+
+
 def test_toml(sup_dir: str) -> None:
     img = _img(sup_dir)
     path = os.path.join(sup_dir, "s.toml")
