@@ -10,7 +10,7 @@ APT_PACKAGES := libcap-dev libseccomp2 qemu-system-x86 qemu-system-common qemu-u
                 busybox-static cpio zstd xz-utils fio
 PYTEST_FLAGS ?=
 
-.PHONY: all setup system-packages demo test e2e bench clean
+.PHONY: all setup system-packages demo test e2e security bench clean
 
 all: test
 
@@ -40,6 +40,9 @@ test: setup
 
 e2e: setup
 	$(PY) -m pytest tests/e2e $(PYTEST_FLAGS)
+
+security: setup
+	$(PY) -m pytest tests/security tests/sandbox $(PYTEST_FLAGS)
 
 bench: setup
 	$(PY) -m benchmarks.block

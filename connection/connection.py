@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import errno
 import logging
 import os
 import socket
@@ -26,6 +25,7 @@ from .executor import Executor
 from .handler import REQUESTS_WITH_REPLY, Backend, DeviceRequestHandler, RequestRefused
 from .protocol import FLAG_REPLY, VERSION, Message, encode_u64
 from .transport import AsyncMessageSocket, check_unix_stream
+from .unixsock import bind_unix_listener, unlink_if_same
 
 log = logging.getLogger("vhost.connection")
 
@@ -126,7 +126,7 @@ class ParentResources:
         self._closed = True
         if os.getpid() != self._pid:
             return
-        _unlink_if_ours(self.path, self._ident)
+        unlink_if_same(self.path, self._ident)
 
     @property
     def closed(self) -> bool:
@@ -141,21 +141,6 @@ class ParentResources:
 
     def __repr__(self) -> str:
         return f"ParentResources({self.path!r}, closed={self._closed})"
-
-
-def _unlink_if_ours(path: str, ident: tuple[int, int]) -> bool:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return False
-    if not stat.S_ISSOCK(st.st_mode) or (st.st_dev, st.st_ino) != ident:
-        log.info("socket path %s now names another file; left in place", path)
-        return False
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 # ----------------------------------------------------------------------
@@ -205,24 +190,7 @@ class VhostUserListener(VhostUserConnection):
 
     def __init__(self, path: str, *, mode: int = 0o600) -> None:
         self.path = os.fspath(path)
-        _remove_stale_socket(self.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        old_umask = os.umask(0o777 & ~mode)   # no window with a wider mode
-        try:
-            sock.bind(self.path)
-        except BaseException:
-            sock.close()
-            raise
-        finally:
-            os.umask(old_umask)
-        try:
-            os.chmod(self.path, mode)
-            st = os.lstat(self.path)
-            sock.listen(8)
-        except BaseException:
-            sock.close()
-            _unlink_quietly(self.path)
-            raise
+        sock, st = bind_unix_listener(self.path, mode=mode, backlog=8)
         self._sock: socket.socket | None = sock
         self._ident = (st.st_dev, st.st_ino)
         self._pid = os.getpid()
@@ -276,7 +244,7 @@ class VhostUserListener(VhostUserConnection):
         self._sock.close()
         self._sock = None
         if not self._resources_taken and os.getpid() == self._pid:
-            _unlink_if_ours(self.path, self._ident)
+            unlink_if_same(self.path, self._ident)
 
     def __enter__(self) -> "VhostUserListener":
         return self
@@ -287,26 +255,6 @@ class VhostUserListener(VhostUserConnection):
 
     def __repr__(self) -> str:
         return f"VhostUserListener({self.path!r})"
-
-
-def _remove_stale_socket(path: str) -> None:
-    """Remove a socket left at ``path`` by an earlier run; anything else there
-    is an error naming the path (we never delete someone's file)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise FileExistsError(errno.EEXIST, f"socket path {path} exists and is not a socket", path)
-    log.info("removing stale socket %s", path)
-    _unlink_quietly(path)
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 class VhostUserStream(VhostUserConnection):

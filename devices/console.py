@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 
 from connection.executor import Executor
 from connection.protocol import ProtocolFeature, VirtioFeature
+from connection.unixsock import bind_unix_listener, unlink_if_same
 
 from .base import ConfigError, DeviceBuilder, Options, QueueTaskDevice
 
@@ -317,19 +318,10 @@ def _bind_unix(name: str, path: str) -> socket.socket:
     """Bind a listening stream socket at ``path``, replacing a stale socket
     (never another kind of file)."""
     try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ConfigError(f"{name}: path={path!r} exists and is not a socket")
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        sock.listen(4)
+        sock, _ = bind_unix_listener(path, mode=0o600, backlog=4)
+    except FileExistsError:
+        raise ConfigError(f"{name}: path={path!r} exists and is not a socket") from None
     except OSError as exc:
-        sock.close()
         raise ConfigError(f"{name}: path={path!r}: cannot bind: {exc.strerror or exc}") from None
     return sock
 
@@ -464,9 +456,7 @@ class ConsoleBuilder(DeviceBuilder):
             self.sock = None
         if self.socket_path is not None and self._socket_ident is not None:
             try:
-                st = os.lstat(self.socket_path)
-                if (st.st_dev, st.st_ino) == self._socket_ident:
-                    os.unlink(self.socket_path)
+                unlink_if_same(self.socket_path, self._socket_ident)
             except OSError:
                 pass
             self.socket_path = None

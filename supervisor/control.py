@@ -15,6 +15,8 @@ import socket
 import stat
 from typing import Any, Awaitable, Callable
 
+from connection.unixsock import bind_unix_listener
+
 MAX_LINE = 64 * 1024
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 
@@ -47,22 +49,12 @@ def bind_control_socket(path: str) -> socket.socket:
     except FileNotFoundError:
         pass
     else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise ControlError(f"control-socket: {path!r} exists and is not a socket")
-        if socket_in_use(path):
+        if stat.S_ISSOCK(st.st_mode) and socket_in_use(path):
             raise ControlError(f"control-socket: {path!r} is in use (is another supervisor running?)")
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
     try:
-        sock.bind(path)
-    except BaseException:
-        sock.close()
-        raise
-    finally:
-        os.umask(old)
-    os.chmod(path, 0o600)
-    sock.listen(16)
+        sock, _ = bind_unix_listener(path, mode=0o600, backlog=16)
+    except FileExistsError:
+        raise ControlError(f"control-socket: {path!r} exists and is not a socket") from None
     sock.setblocking(False)
     return sock
 
