@@ -39,6 +39,7 @@ from pathlib import Path
 
 from connection.errors import QueueBrokenError
 from connection.frontend import BlockDriver, BlockError, VhostUserFrontend
+from connection.protocol import ProtocolFeature
 
 from .common import (OurBlockProcess, QsdProcess, fill_image, copy_image, machine_summary, qsd_version,
                      spread)
@@ -74,6 +75,23 @@ class Cell:
     device_cpu: float    # fraction of one CPU the back-end used (all threads)
     calls_per_io: float = 0.0   # call-eventfd wake-ups of the driver per request
     kicks_per_io: float = 0.0   # kicks the driver had to send per request
+    steal: float = 0.0          # CPU time the hypervisor took from this VM (all vCPUs), fraction of one CPU
+    others: float = 0.0         # CPU used by other processes (not driver, not back-end), fraction of one CPU
+
+
+def cpu_times() -> tuple[float, float]:
+    """(busy, steal) seconds of all CPUs from /proc/stat; zeros where not
+    readable.  Noisy-neighbour gauges: steal is the hypervisor's, busy minus
+    the driver's and the back-end's CPU is other processes' (with autogroup
+    scheduling a niced test suite in another session still takes about half
+    of a CPU from whoever shares it)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+        tck = os.sysconf("SC_CLK_TCK")
+        return (v[0] + v[1] + v[2] + v[5] + v[6]) / tck, v[7] / tck
+    except (OSError, IndexError, ValueError):
+        return 0.0, 0.0
 
 
 @dataclass
@@ -86,9 +104,14 @@ class Results:
 class Target:
     """One back-end and the front-end connected to it."""
 
-    def __init__(self, name: str, start, stall_retry: bool, indirect: bool = False) -> None:
+    def __init__(self, name: str, start, stall_retry: bool, indirect: bool = False,
+                 inflight: bool = True) -> None:
         self.name = name
         self.indirect = indirect
+        #: Use GET/SET_INFLIGHT_FD when the back-end offers INFLIGHT_SHMFD, as
+        #: QEMU's vhost-user-blk does (our device offers it; qsd 7.2 does not).
+        self.inflight = inflight
+        self.uses_inflight = False
         self._start = start
         self.stall_retry = stall_retry
         self.proc = None
@@ -101,6 +124,9 @@ class Target:
         fe = VhostUserFrontend.connect(self.proc.sock, timeout=10)
         fe.negotiate()
         fe.setup_memory(DRIVER_MEMORY)
+        self.uses_inflight = bool(self.inflight and fe.acked_protocol_features & ProtocolFeature.INFLIGHT_SHMFD)
+        if self.uses_inflight:
+            fe.get_inflight(1, QUEUE_SIZE)
         q = fe.setup_queue(0, QUEUE_SIZE)
         self.fe = fe
         self.blk = BlockDriver(q, depth=MAX_DEPTH, max_io=MAX_IO, indirect=self.indirect)
@@ -145,6 +171,7 @@ def run_cell(t: Target, w: Workload, seconds: float, offsets: list[int], stall_t
     count = 0
     calls0, kicks0 = q.calls, q.kicks
     dev_cpu0 = t.proc.cpu_seconds()
+    busy0, steal0 = cpu_times()
     drv0 = time.process_time()
     t0 = time.perf_counter()
     end = t0 + seconds
@@ -172,9 +199,11 @@ def run_cell(t: Target, w: Workload, seconds: float, offsets: list[int], stall_t
     elapsed = time.perf_counter() - t0
     drv = time.process_time() - drv0
     dev = t.proc.cpu_seconds() - dev_cpu0
+    busy1, steal1 = cpu_times()
     iops = count / elapsed
     return Cell(iops, iops * nbytes / 1e6, drv / elapsed, dev / elapsed,
-                (q.calls - calls0) / max(count, 1), (q.kicks - kicks0) / max(count, 1))
+                (q.calls - calls0) / max(count, 1), (q.kicks - kicks0) / max(count, 1),
+                (steal1 - steal0) / elapsed, max(0.0, busy1 - busy0 - drv - dev) / elapsed)
 
 
 def verify(t: Target, size: int) -> None:
@@ -254,6 +283,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--indirect", action="store_true",
                    help="one INDIRECT descriptor per request, as Linux guests do (default: 3-descriptor chains)")
     p.add_argument("--no-iothread", action="store_true", help="qsd without an iothread")
+    p.add_argument("--no-inflight", action="store_true",
+                   help="never use GET/SET_INFLIGHT_FD (default: used when the back-end offers "
+                        "INFLIGHT_SHMFD, as QEMU does; our device offers it, qsd 7.2 does not)")
     p.add_argument("--profile", type=Path, help="cProfile our device process; stats written here")
     p.add_argument("--workloads", help="comma-separated labels' prefixes, e.g. 'read 4 KiB QD1'")
     p.add_argument("--stall-timeout", type=float, default=10.0)
@@ -296,14 +328,15 @@ def main(argv: list[str] | None = None) -> int:
         qsd_log = workdir / "qsd.log"
         targets.append(Target("qsd", lambda: QsdProcess(workdir / "qsd.img", str(workdir / "qsd.sock"), qsd_log,
                                                         iothread=not args.no_iothread, cpus=device_cpus),
-                              stall_retry=True, indirect=args.indirect))
+                              stall_retry=True, indirect=args.indirect, inflight=not args.no_inflight))
         if not args.qsd_only:
             copy_image(base, workdir / "ours.img")
             try:
                 import devices.block  # noqa: F401
                 targets.append(Target("ours", lambda: OurBlockProcess(workdir / "ours.img", str(workdir / "ours.sock"),
                                                                       cpus=device_cpus, profile=args.profile),
-                                      stall_retry=False, indirect=args.indirect))
+                                      stall_retry=False, indirect=args.indirect,
+                                      inflight=not args.no_inflight))
             except Exception as exc:
                 print(f"ERROR: our block device cannot be started: {type(exc).__name__}: {exc}\n"
                       f"       (devices/block.py missing or broken); measuring qsd only, exit status 1",
@@ -323,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                 t.down()
                 targets.remove(t)
                 ok = False
+        print("# inflight region (GET/SET_INFLIGHT_FD): "
+              + ", ".join(f"{t.name} {'yes' if t.uses_inflight else 'no'}" for t in targets))
         rnd = random.Random(11)
         offsets = {bs: [rnd.randrange(0, size // bs) for _ in range(1 << 16)] for bs in {w.bs for w in WORKLOADS}}
         # Warm-up: one short pass of everything on every back-end.
@@ -341,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  round {r + 1} {w.label:<18} {t.name:<4} {cell.iops:>10,.0f} IOPS "
                           f"{cell.mbps:>8.1f} MB/s  dev CPU {cell.device_cpu * 100:3.0f}%  "
                           f"drv CPU {cell.driver_cpu * 100:3.0f}%  calls/IO {cell.calls_per_io:.2f} "
-                          f"kicks/IO {cell.kicks_per_io:.2f}", file=sys.stderr, flush=True)
+                          f"kicks/IO {cell.kicks_per_io:.2f} steal {cell.steal * 100:3.0f}% "
+                          f"others {cell.others * 100:3.0f}%", file=sys.stderr, flush=True)
     except Exception:
         traceback.print_exc()
         ok = False
@@ -357,6 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     stalls = sum(res.stalls.values())
     restarts = sum(t.restarts for t in targets)
     print(f"qsd stalls: {stalls} (daemon restarts: {restarts})" + (f" {res.stalls}" if stalls else ""))
+    all_cells = [c for cells in res.cells.values() for c in cells]
+    if all_cells:
+        for what, attr in (("hypervisor steal", "steal"), ("other processes' CPU", "others")):
+            med, lo, hi = spread([getattr(c, attr) for c in all_cells])
+            print(f"{what} during timed cells: median {med * 100:.0f}% of one CPU ({lo * 100:.0f}-{hi * 100:.0f}%)")
     for line in res.stall_logs:
         print(f"  {line}")
     if args.profile and args.profile.exists():

@@ -64,7 +64,13 @@ MAX_QUEUE_SIZE = 32768
 #: larger queue size raises it to the queue size.
 MAX_INDIRECT = 1024
 #: Adaptive polling of the avail ring before sleeping (QEMU's poll-max-ns idea).
-POLL_MAX_NS = 50_000
+#: The bound must exceed one driver round trip (notify, wake-up of the
+#: driver's vCPU, its work, the next avail entry): ~70-110 us in the 2-vCPU
+#: VM of benchmarks/README.md.  At 50 us the window collapsed to 0 whenever a
+#: round trip took longer, and the device slept (and needed a kick) on every
+#: request; 200 us keeps it polling through a round trip and still turns
+#: polling off after any longer idle gap.
+POLL_MAX_NS = 200_000
 POLL_START_NS = 4_000
 #: Without a kick fd (NOFD flag) the ring is polled at this period.
 NOFD_POLL_PERIOD = 0.001
@@ -161,6 +167,7 @@ class Virtqueue:
         self._last_avail = 0         # next avail slot to take
         self._shadow_avail = 0       # last avail.idx read
         self._used_idx = 0           # used.idx as published
+        self._signalled = 0          # used.idx at the last notification decision
         self._used_shadow = 0        # used.idx including unpublished elements
         self._inuse = 0              # popped, not yet add_used
         self._resubmit: list[int] = []   # inflight heads, highest counter first
@@ -241,7 +248,7 @@ class Virtqueue:
         self._indirect_ok = bool(features & VirtioFeature.RING_INDIRECT_DESC)
         self._notify_on_empty = bool(features & VirtioFeature.NOTIFY_ON_EMPTY)
         self._max_indirect = max(MAX_INDIRECT, self.size)
-        self._used_idx = self._used_shadow = self._used_h[1]  # type: ignore[index]
+        self._used_idx = self._used_shadow = self._signalled = self._used_h[1]  # type: ignore[index]
         self._inuse = 0
         self._resubmit = []
         self._batch = []
@@ -462,22 +469,32 @@ class Virtqueue:
         if self._inflight is not None:
             self._batch.append(head)
 
-    def flush(self) -> None:
+    def flush(self, notify: bool = True) -> None:
         """Publish the batch: one ``used.idx`` store, inflight bookkeeping
-        around it, then at most one call-eventfd write, if the driver wants
-        one (EVENT_IDX ``used_event``, else ``NO_INTERRUPT``)."""
+        around it, then (``notify``) at most one call-eventfd write, if the
+        driver wants one (EVENT_IDX ``used_event``, else ``NO_INTERRUPT``).
+
+        ``notify=False`` only publishes: a driver that is awake sees the
+        completions at once, and the next ``flush()`` decides on one
+        notification for everything published since the last decision
+        (``vring_need_event`` over that whole range, as vhost's
+        ``signalled_used`` does), so a batch costs at most one eventfd write."""
         new = self._used_shadow
-        old = self._used_idx
-        if new == old or not self._ready:
+        if not self._ready:
             return
-        inflight = self._inflight
-        if inflight is not None:
-            inflight.link_batch(self._batch)
-        self._used_h[1] = new  # type: ignore[index]
-        self._used_idx = new
-        if inflight is not None:
-            inflight.commit_batch(self._batch, new)
-            self._batch.clear()
+        if new != self._used_idx:
+            inflight = self._inflight
+            if inflight is not None:
+                inflight.link_batch(self._batch)
+            self._used_h[1] = new  # type: ignore[index]
+            self._used_idx = new
+            if inflight is not None:
+                inflight.commit_batch(self._batch, new)
+                self._batch.clear()
+        old = self._signalled
+        if not notify or new == old:
+            return
+        self._signalled = new
         fence()
         avail = self._avail
         if self._event_idx:
@@ -488,6 +505,10 @@ class Virtqueue:
             need = True
         if need:
             self.notify()
+
+    def publish(self) -> None:
+        """``flush(notify=False)``: make the completions visible, no notification yet."""
+        self.flush(False)
 
     def notify(self) -> None:
         """Signal the driver (call eventfd, else ``call_hook``) unconditionally."""
@@ -587,6 +608,12 @@ class Virtqueue:
     def used_idx(self) -> int:
         """``used.idx`` as last published by ``flush``."""
         return self._used_idx
+
+    @property
+    def pending(self) -> int:
+        """Chains seen on the avail ring (as of the last ``avail.idx`` read)
+        and not yet popped: what is left of the batch being served."""
+        return (self._shadow_avail - self._last_avail) & 0xFFFF
 
     @property
     def inuse(self) -> int:
