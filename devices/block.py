@@ -2,10 +2,10 @@
 
 The request path is the hot path a benchmark against qemu-storage-daemon
 judges, so it is written for the interpreter: one task per queue, a batch of
-chains served synchronously between two awaits, one ``flush`` per batch,
-``os.preadv``/``os.pwritev`` straight into and out of guest memory (no
-copies), the status byte stored in place, and no allocation beyond the list
-slices that carry the data views.  Everything unusual (a header split
+chains served synchronously between two awaits, a few notification decisions
+per batch (see ``_serve``), ``os.preadv``/``os.pwritev`` straight into and
+out of guest memory (no copies), the status byte stored in place, and no
+allocation beyond the list slices that carry the data views.  Everything unusual (a header split
 across buffers, a short transfer, O_DIRECT with unaligned buffers,
 discard, malformed requests) leaves the fast path for a helper.
 
