@@ -209,10 +209,7 @@ class BlockDevice(QueueTaskDevice):
         flush = queue.flush
         handle = self._handle
         wait_kick = queue.wait_kick
-        # Test doubles may implement only pop/add_used/flush/wait_kick: then
-        # one notification decision per batch and no early publication.
-        has_pending = hasattr(queue, "pending")
-        publish = getattr(queue, "publish", None) or _nothing
+        publish = queue.publish
         while await wait_kick():
             n = 0        # completions since the last notification decision
             moved = 0    # bytes since the last publication
@@ -224,7 +221,7 @@ class BlockDevice(QueueTaskDevice):
                 add_used(chain.head, written)
                 n += 1
                 moved += written + chain.readable_len
-                if n >= MAX_BATCH or (has_pending and n >= queue.pending):
+                if n >= MAX_BATCH or n >= queue.pending:
                     flush()
                     n = moved = 0
                 elif moved >= FLUSH_BYTES:
@@ -619,10 +616,6 @@ class _PooledQueue:
             if written >= 0:
                 self.queue.add_used(head, written)
         self.queue.flush()
-
-
-def _nothing() -> None:
-    pass
 
 
 def _skip(views: list, count: int) -> list:

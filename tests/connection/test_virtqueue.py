@@ -444,6 +444,30 @@ def test_event_idx_suppression(setup):
     assert ring.used[1] == 8
 
 
+def test_publish_then_flush_decides_once_over_the_whole_range(setup):
+    """publish() makes completions visible without notifying; the next flush()
+    applies vring_need_event to everything published since the last decision, so
+    a used_event crossed during an earlier publish still gets its notification."""
+    q, ring = setup.queue(size=16, features=EVENT_IDX)
+    buf = setup.guest.alloc(64)
+    ring.used_event = 1      # "notify me when used idx passes 1"
+    for _ in range(4):
+        ring.chain([(buf, 64, True)])
+    chains = [q.pop() for _ in range(4)]
+    q.add_used(chains[0].head, 64)
+    q.add_used(chains[1].head, 64)
+    q.publish()              # 0 -> 2 crosses used_event, but no decision yet
+    assert ring.used[1] == 2 and eventfd_count(setup.call[0]) == 0
+    q.add_used(chains[2].head, 64)
+    q.add_used(chains[3].head, 64)
+    q.flush()                # decides over 0 -> 4: one notification
+    assert ring.used[1] == 4 and eventfd_count(setup.call[0]) == 1
+    assert q.pending == 0
+    ring.used_event = 3      # already behind: nothing new to decide
+    q.flush()
+    assert eventfd_count(setup.call[0]) == 0
+
+
 def test_notify_on_empty(setup):
     q, ring = setup.queue(features=int(VirtioFeature.NOTIFY_ON_EMPTY))
     buf = setup.guest.alloc(64)
