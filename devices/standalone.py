@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--file", "--blk-file", dest="file", metavar="PATH", help="image file or block device")
     b.add_argument("--read-only", action="store_true", help="export read-only (VIRTIO_BLK_F_RO)")
     b.add_argument("--num-queues", type=int, default=1, metavar="N", help="request queues (1..16)")
+    b.add_argument("--poll-us", type=int, default=None, metavar="US",
+                   help="bound of the adaptive ring polling before sleeping (0..1000, default 200)")
     b.add_argument("--direct", action="store_true", help="open with O_DIRECT")
     b.add_argument("--sparse", type=_bool_arg, nargs="?", const="true", default="true", metavar="BOOL",
                    help="offer DISCARD and WRITE_ZEROES (default true)")
@@ -96,6 +98,8 @@ def options_from_args(args: argparse.Namespace) -> dict[str, str]:
             opts["path"] = args.file
         opts["ro"] = str(args.read_only).lower()
         opts["num-queues"] = str(args.num_queues)
+        if args.poll_us is not None:
+            opts["poll-us"] = str(args.poll_us)
         opts["direct"] = str(args.direct).lower()
         opts["sparse"] = args.sparse
         opts["lock"] = str(not args.no_lock).lower()

@@ -119,3 +119,17 @@ def test_rng_options():
     assert RngBuilder.from_options("rng", {}).keep_fds() == []
     with pytest.raises(ConfigError, match="bogus='1'"):
         RngBuilder.from_options("rng", {"bogus": "1"})
+
+
+def test_block_poll_us_bounds_the_queue_polling(tmp_path):
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    default = BlockBuilder.from_options("blk", {"path": str(img)})
+    off = BlockBuilder.from_options("blk2", {"path": str(img), "poll-us": "0", "lock": "false"})
+    try:
+        assert default.poll_max_ns == 200_000 and off.poll_max_ns == 0
+    finally:
+        default.close()
+        off.close()
+    with pytest.raises(ConfigError, match="poll-us='5000'"):
+        BlockBuilder.from_options("blk", {"path": str(img), "poll-us": "5000"})
