@@ -112,12 +112,12 @@ def make_image(path: Path) -> Path:
 
 
 def run_once(backend: str, kernel, base: Path, accel: str, workdir: Path, image: Path,
-             script: str, ours_mode: str) -> dict[str, dict[str, float]]:
+             script: str, ours_mode: str, poll_us: int | None = None) -> dict[str, dict[str, float]]:
     sock = workdir / f"{backend}.sock"
     if backend == "qsd":
         be = QsdBlock(image, sock, workdir / "qsd.log").start()
     else:
-        be = start_our_block(ours_mode, workdir, image, sock)
+        be = start_our_block(ours_mode, workdir, image, sock, poll_us=poll_us)
     try:
         q = Qemu(kernel, workdir, accel=accel, base_initrd=base, mem_mb=1024, name=f"fio-{backend}")
         q.attach(be)
@@ -140,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runtime", type=int, default=5, help="seconds per fio job")
     ap.add_argument("--ours", choices=["supervisor", "device"], default="supervisor")
     ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--poll-us", type=int, default=None,
+                    help="our block device's poll-us option (default: the device's own, 200)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.runs < 3:
@@ -158,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.runs):
             order = ("ours", "qsd") if i % 2 == 0 else ("qsd", "ours")
             for backend in order:
-                r = run_once(backend, kernel, base, accel, workdir, image, script, args.ours)
+                r = run_once(backend, kernel, base, accel, workdir, image, script, args.ours, args.poll_us)
                 samples[backend].append(r)
                 print(f"run {i + 1} {backend:4s} " + "  ".join(
                     f"{j}={v['iops']:.0f}iops/{v['mb_s']:.1f}MB/s/{v['lat_us_mean']:.0f}us" for j, v in r.items()

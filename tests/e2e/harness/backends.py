@@ -242,15 +242,20 @@ def _alive(pid: int) -> bool:
 
 
 def start_our_block(
-    mode: str, workdir: Path, image: Path, sock: Path, *, ro: bool = False, num_queues: int = 1, name: str = "disk0"
+    mode: str, workdir: Path, image: Path, sock: Path, *, ro: bool = False, num_queues: int = 1, name: str = "disk0",
+    poll_us: int | None = None,
 ) -> "OurDevice | Supervisor":
     """Our block device, either standalone (`device block`) or under `run --block`."""
     if mode == "device":
         args = ["--file", str(image), "--num-queues", str(num_queues)]
         if ro:
             args.append("--read-only")
+        if poll_us is not None:
+            args += ["--poll-us", str(poll_us)]
         return OurDevice("block", sock, workdir / f"{name}-device.log", args).start()
     if mode == "supervisor":
         spec = f"vhost={sock},path={image},name={name},num-queues={num_queues}" + (",ro=true" if ro else "")
+        if poll_us is not None:
+            spec += f",poll-us={poll_us}"
         return Supervisor(workdir, ["--block", spec], workdir / "supervisor.log").start([sock])
     raise ValueError(f"mode must be device or supervisor, not {mode!r}")
