@@ -13,7 +13,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import time
@@ -227,17 +226,6 @@ class OurBlockProcess(BackendProcess):
         finally:
             if self._resources is not None:
                 self._resources.close()
-
-
-def connectable(path: str) -> bool:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-        return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 
 def spread(values: Sequence[float]) -> tuple[float, float, float]:

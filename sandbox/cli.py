@@ -9,21 +9,27 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from .compiler import compile_policy, lower_clauses
+from .compiler import CompiledPolicy, compile_policy, lower_clauses
 from .policy import PolicyError, SyscallRule
+
+
+def _compile_or_report(path: str) -> CompiledPolicy | None:
+    """The compiled policy, or None after printing the error (file:line) on stderr."""
+    try:
+        return compile_policy(path)
+    except PolicyError as e:
+        print(f"error: {e}", file=sys.stderr)
+    except OSError as e:
+        print(f"error: {path}: {e}", file=sys.stderr)
+    return None
 
 
 def policy_check(path: str) -> int:
     """Compile a policy (and its includes); 0 if it is valid, 1 with file:line
     of the first error otherwise."""
 
-    try:
-        compiled = compile_policy(path)
-    except PolicyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {path}: {e}", file=sys.stderr)
+    compiled = _compile_or_report(path)
+    if compiled is None:
         return 1
     rules = compiled.policy.rules
     print(f"{path}: ok: {len(rules)} syscalls from {len(compiled.files)} file(s), "
@@ -44,13 +50,8 @@ def policy_show(path: str) -> int:
     """Print the resolved rule set: every syscall once, its merged filter and
     the file:line of each line that contributed."""
 
-    try:
-        compiled = compile_policy(path)
-    except PolicyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"error: {path}: {e}", file=sys.stderr)
+    compiled = _compile_or_report(path)
+    if compiled is None:
         return 1
     policy = compiled.policy
     print(f"# {policy.path}")
