@@ -95,13 +95,16 @@ def test_sigkill_during_write_verify_loop(make_qemu, workdir, record_property):
             time.sleep(rng.uniform(0.3, 1.5))
             if "rounds_done" in q.console():
                 break
-            done = _rounds(q)
+            connected = _connects(sup)
             procs.kill_pid(pid)
+            done = _rounds(q)  # read after the kill: only the new child can add rounds now
             kills.append((round(time.monotonic() - t0, 2), done))
             pid = sup.device_pid("disk0", not_pid=pid, timeout=20)
-            # Next kill only once the guest made progress through the new child: QEMU 7.2
-            # cannot recover when the back-end dies again inside its reconnect handshake
-            # ("vhost_backend_init failed: Protocol error", then the device stays stopped).
+            # Next kill only once QEMU is connected to the new child and the guest made
+            # progress through it: QEMU 7.2 cannot recover when the back-end dies again
+            # inside its reconnect handshake ("vhost_backend_init failed: Protocol error",
+            # then the device stays stopped).
+            _wait_connected(sup, connected, timeout=30)
             _wait_progress(q, done, timeout=30)
         res = q.wait(180)
     finally:
@@ -110,7 +113,7 @@ def test_sigkill_during_write_verify_loop(make_qemu, workdir, record_property):
     record_property("kills", kills)
     record_property("case_s", res.duration)
     assert len(kills) == KILLS, f"the loop ended before {KILLS} kills could land: {kills}"
-    connects = sup.log_path.read_text().count("front-end connected")
+    connects = _connects(sup)
     assert connects >= KILLS + 1, f"QEMU reconnected {connects - 1} times after {KILLS} kills"
     assert res.rc == 0, res.console[-3000:]
     bad = {k: v for k, v in res.results.items() if k.startswith(("mismatch", "write_fail"))}
@@ -127,6 +130,19 @@ def test_sigkill_during_write_verify_loop(make_qemu, workdir, record_property):
     assert all("signal=SIGKILL" in line for line in abnormal), (
         f"the supervisor misreports our SIGKILLs: {abnormal}"
     )
+
+
+def _connects(sup) -> int:
+    """Front-end connections the supervisor has logged so far (one per child served)."""
+    return sup.log_path.read_text().count("front-end connected")
+
+
+def _wait_connected(sup, before: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while _connects(sup) <= before:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"QEMU did not reconnect to the restarted child within {timeout:.0f}s")
+        time.sleep(0.05)
 
 
 # --- the out-of-order pair ---------------------------------------------------------------
