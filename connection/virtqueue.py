@@ -72,6 +72,13 @@ MAX_INDIRECT = 1024
 #: polling off after any longer idle gap.
 POLL_MAX_NS = 200_000
 POLL_START_NS = 4_000
+#: An idle gap (poll plus sleep) of up to this many times the bound still
+#: counts as a busy driver, so the window grows (to at most the bound); a
+#: longer one turns polling off.  A driver whose round trip without polling
+#: is a little longer than the bound (a QEMU TCG guest: ~250 us, but ~130 us
+#: once the device polls and needs no kick) would otherwise never get into
+#: the polling regime: see benchmarks/README.md, guest fio.
+POLL_BUSY_GAP_FACTOR = 4
 #: Without a kick fd (NOFD flag) the ring is polled at this period.
 NOFD_POLL_PERIOD = 0.001
 
@@ -175,6 +182,16 @@ class Virtqueue:
         self._kicked = False
         self._waiter: asyncio.Future[None] | None = None
         self._reader_fd: int | None = None
+        #: Start of the current idle gap (perf_counter_ns, before the poll), for
+        #: the adaptive window.
+        self._sleep_t0 = 0
+        #: Set by the device's serving task while it sleeps in ``wait_kick``:
+        #: a kick then drains the ring synchronously in the kick fd's reader
+        #: callback (``_serve_inline``) instead of waking the task, which saves
+        #: the future/task-resumption layers on every wake-up.  The device
+        #: clears it (synchronously) in ``stop_queue``; the task is still what
+        #: stop and broken-queue semantics are built on.
+        self.serve_hook: Callable[[], None] | None = None
 
     # ------------------------------------------------------------ configuration
 
@@ -530,36 +547,21 @@ class Virtqueue:
         stopped or broken.
 
         Before sleeping, poll ``avail.idx`` for up to ``poll_ns``: the window
-        grows (to ``poll_max_ns``) when a sleep ended sooner than that,
-        i.e. polling would have found the work, and drops to zero after a
-        long sleep (idle).  While the device is busy, kicks stay suppressed
-        (stale ``avail_event`` with EVENT_IDX, ``used.flags = NO_NOTIFY``
-        without); they are re-armed just before sleeping, followed by a
-        fence and a re-check of ``avail.idx`` so a request published in
-        between is not missed.  One waiter per queue (the device's task)."""
+        grows (to ``poll_max_ns``) while the idle gaps (poll plus sleep) stay
+        within ``POLL_BUSY_GAP_FACTOR`` times that bound, and drops to zero
+        after a longer gap (idle); see ``_slept``.  While the device is busy,
+        kicks stay suppressed (stale ``avail_event`` with EVENT_IDX,
+        ``used.flags = NO_NOTIFY`` without); they are re-armed just before
+        sleeping, followed by a fence and a re-check of ``avail.idx`` so a
+        request published in between is not missed.  One waiter per queue (the device's task)."""
         if not self._ready:
             return False
         if self._kicked or self._resubmit:
             self._kicked = False
             return True
-        avail = self._avail
+        if self._work_before_sleep():
+            return True
         last = self._last_avail
-        if avail[1] != last:  # type: ignore[index]
-            return True
-        window = self.poll_ns
-        if window:
-            deadline = _perf_ns() + window
-            while avail[1] == last:  # type: ignore[index]
-                if _perf_ns() >= deadline:
-                    break
-            else:
-                return True
-        self._arm_notify()
-        fence()
-        if avail[1] != last:  # type: ignore[index]
-            self._suppress_notify()
-            return True
-        t0 = _perf_ns()
         fut = self.loop.create_future()
         self._waiter = fut
         try:
@@ -571,16 +573,71 @@ class Virtqueue:
                 await fut
         finally:
             self._waiter = None
-        blocked = _perf_ns() - t0
-        if blocked > self.poll_max_ns:
-            self.poll_ns = 0
-        elif self.poll_max_ns:
-            self.poll_ns = min(self.poll_max_ns, max(POLL_START_NS, window * 2))
+        self._slept()
         if not self._ready:
             return False
         self._kicked = False
         self._suppress_notify()
         return True
+
+    def _work_before_sleep(self) -> bool:
+        """The checks before sleeping: True if the avail ring has work (found
+        at once or by polling up to ``poll_ns``; kicks stay suppressed);
+        False once kicks are re-armed, fenced and the ring re-checked empty."""
+        avail = self._avail
+        last = self._last_avail
+        if avail[1] != last:  # type: ignore[index]
+            return True
+        window = self.poll_ns
+        t0 = _perf_ns()
+        if window:
+            deadline = t0 + window
+            while avail[1] == last:  # type: ignore[index]
+                if _perf_ns() >= deadline:
+                    break
+            else:
+                return True
+        self._arm_notify()
+        fence()
+        if avail[1] != last:  # type: ignore[index]
+            self._suppress_notify()
+            return True
+        self._sleep_t0 = t0  # idle since t0: the poll counts (as QEMU's block_ns)
+        return False
+
+    def _slept(self) -> None:
+        """Adapt the poll window to the idle time that just ended (poll plus
+        sleep, as QEMU's ``block_ns``): grow it (doubling, at most to
+        ``poll_max_ns``) when it was at most ``POLL_BUSY_GAP_FACTOR`` times
+        the bound, i.e. the driver is busy and a full window would have
+        caught its next request or come close; drop it to 0 after a longer
+        gap (idle)."""
+        blocked = _perf_ns() - self._sleep_t0
+        if blocked > self.poll_max_ns * POLL_BUSY_GAP_FACTOR:
+            self.poll_ns = 0
+        elif self.poll_max_ns:
+            self.poll_ns = min(self.poll_max_ns, max(POLL_START_NS, self.poll_ns * 2))
+
+    def _serve_inline(self, hook: Callable[[], None]) -> None:
+        """A kick while the serving task sleeps: drain the ring here (the
+        task's ``serve_hook``), then poll / re-arm as ``wait_kick`` would,
+        and return to the loop with the task still asleep.  An exception
+        breaks this queue only (as the device's task guard does); breaking
+        or stopping wakes the task, which then ends."""
+        self._slept()
+        self._kicked = False
+        self._suppress_notify()
+        try:
+            while True:
+                hook()
+                if not self._ready or self.serve_hook is not hook:
+                    self._wake(kicked=True)  # broken (already woken) or hook withdrawn
+                    return
+                if not self._work_before_sleep():
+                    break
+        except Exception as exc:  # noqa: BLE001 - nothing the guest does may escape
+            log.error("%squeue %d serving failed: %r; queue marked broken", self._prefix(), self.index, exc)
+            self.mark_broken(f"device error: {exc!r}")
 
     def mark_broken(self, reason: str) -> None:
         """Stop serving this queue because of the guest: logged once, err fd
@@ -680,7 +737,12 @@ class Virtqueue:
         except OSError as exc:
             log.error("%squeue %d: reading kick fd %d: %s", self._prefix(), self.index, fd, exc)
             self._unregister_reader()
-        self._wake(kicked=True)
+        hook = self.serve_hook
+        w = self._waiter
+        if hook is not None and w is not None and not w.done() and self._ready and not self._resubmit:
+            self._serve_inline(hook)
+        else:
+            self._wake(kicked=True)
 
     def _register_reader(self) -> None:
         if self.started and self._kick_fd is not None and self._reader_fd is None:

@@ -137,6 +137,9 @@ class QueueTaskDevice(VhostUserDevice):
     between awaits (synchronously), so once the task is cancelled at its
     await point nothing touches guest memory any more: that is what makes a
     plain ``cancel()`` satisfy the "no memory access after stop" contract.
+    A task may also let its queue serve from the kick callback while it
+    sleeps (``_hook``); ``stop_queue`` withdraws that hook synchronously,
+    before cancelling, so the contract holds for that path too.
     """
 
     def __init__(self, ex: Executor, name: str) -> None:
@@ -144,6 +147,8 @@ class QueueTaskDevice(VhostUserDevice):
         self.name = name
         self.acked_features = 0
         self._tasks: dict[int, asyncio.Task[None]] = {}
+        #: Queues whose ``serve_hook`` a serving task installed (see ``_hook``).
+        self._hooked: dict[int, Any] = {}
 
     def ack_features(self, features: int) -> None:
         self.acked_features = features
@@ -167,7 +172,17 @@ class QueueTaskDevice(VhostUserDevice):
             except Exception:  # noqa: BLE001
                 pass
 
+    def _hook(self, index: int, queue: Any, drain: Any) -> None:
+        """Let ``queue`` run ``drain`` from its kick callback while the task
+        sleeps (``Virtqueue.serve_hook``); ``stop_queue`` withdraws it at once,
+        so nothing is served from a callback after it returns."""
+        queue.serve_hook = drain
+        self._hooked[index] = queue
+
     def stop_queue(self, index: int) -> None:
+        queue = self._hooked.pop(index, None)
+        if queue is not None:
+            queue.serve_hook = None
         task = self._tasks.pop(index, None)
         if task is not None:
             task.cancel()

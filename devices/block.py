@@ -208,14 +208,21 @@ class BlockDevice(QueueTaskDevice):
         as the chains still waiting in the snapshot of the avail ring
         (``queue.pending``), i.e. about half-way through a batch, so the
         driver refills while we serve the rest; and at the end of the batch.
-        A queue-depth-1 driver is still notified after every request."""
+        A queue-depth-1 driver is still notified after every request.
+
+        Wake-up path: while this task sleeps in ``wait_kick``, the queue's
+        ``serve_hook`` (the drain below) runs straight from the kick fd's
+        reader callback, so a kick costs no future, task step or coroutine
+        resumption; the task only serves the first batch, in-band kicks and
+        the NOFD mode, and ends when the queue stops or breaks."""
         pop = queue.pop
         add_used = queue.add_used
         flush = queue.flush
         handle = self._handle
         wait_kick = queue.wait_kick
         publish = queue.publish
-        while await wait_kick():
+
+        def drain() -> None:
             n = 0        # completions since the last notification decision
             moved = 0    # bytes since the last publication
             while (chain := pop()) is not None:
@@ -233,6 +240,14 @@ class BlockDevice(QueueTaskDevice):
                     publish()
                     moved = 0
             flush()
+
+        self._hook(qi, queue, drain)
+        try:
+            while await wait_kick():
+                drain()
+        finally:
+            if queue.serve_hook is drain:
+                queue.serve_hook = None
 
     def _handle(self, chain: Any, qi: int) -> int:
         """Serve one request; return the used length, or -1 if the chain has
