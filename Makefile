@@ -25,6 +25,9 @@ system-packages:
 
 $(STAMP): pyproject.toml
 	$(MAKE) system-packages
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+	    echo "installing python3-venv"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
