@@ -19,6 +19,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from tests.qsd import qsd_command
+
 CHUNK = 1 << 20
 
 
@@ -104,12 +106,7 @@ class QsdProcess(BackendProcess):
             raise RuntimeError("qemu-storage-daemon not found in PATH (Debian: qemu-system-common)")
         if os.path.exists(sock):
             os.unlink(sock)
-        export = f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={sock},writable=on"
-        cmd = [binary]
-        if iothread:
-            cmd += ["--object", "iothread,id=io0"]
-            export += ",iothread=io0"
-        cmd += ["--blockdev", f"driver=file,node-name=f,filename={image}", "--export", export]
+        cmd = qsd_command(binary, image, sock, iothread=iothread)
         self.sock = sock
         self.log = log
         self.cmd = cmd

@@ -21,7 +21,7 @@ from types import TracebackType
 
 from .device import VhostUserDevice, VhostUserDeviceBuilder
 from .errors import ConnectionClosed, ProtocolError, VhostUserError
-from .executor import Executor
+from .executor import Executor, wait_readable
 from .handler import REQUESTS_WITH_REPLY, Backend, DeviceRequestHandler, RequestRefused
 from .protocol import FLAG_REPLY, VERSION, Message, encode_u64
 from .transport import AsyncMessageSocket, check_unix_stream
@@ -228,13 +228,7 @@ class VhostUserListener(VhostUserConnection):
                 return conn
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 pass
-            fut = loop.create_future()
-            fd = sock.fileno()
-            loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
-            try:
-                await fut
-            finally:
-                loop.remove_reader(fd)
+            await wait_readable(loop, sock.fileno())
 
     def close(self) -> None:
         """Close the listening socket; unlink the socket file too unless the

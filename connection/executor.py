@@ -17,6 +17,17 @@ import uvloop
 T = TypeVar("T")
 
 
+async def wait_readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
+    """Wait until ``fd`` is readable (or hung up) without a thread: one reader
+    callback for the duration of the wait."""
+    fut = loop.create_future()
+    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+    try:
+        await fut
+    finally:
+        loop.remove_reader(fd)
+
+
 class Executor:
     """One uvloop event loop, owned by the current process."""
 

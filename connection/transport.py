@@ -16,6 +16,7 @@ import stat
 from collections.abc import Sequence
 
 from .errors import ConnectionClosed, ProtocolError
+from .executor import wait_readable
 from .protocol import (FLAG_REPLY, HEADER, HEADER_SIZE, MAX_FDS, MAX_PAYLOAD, VERSION,
                        VERSION_MASK, Message, check_payload_size, request_name)
 
@@ -140,13 +141,7 @@ class AsyncMessageSocket:
         self.loop = loop
 
     async def _readable(self) -> None:
-        fut = self.loop.create_future()
-        fd = self.sock.fileno()
-        self.loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
-        try:
-            await fut
-        finally:
-            self.loop.remove_reader(fd)
+        await wait_readable(self.loop, self.sock.fileno())
 
     async def _recv_exact(self, count: int, what: str) -> bytes:
         buf = b""

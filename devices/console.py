@@ -25,7 +25,7 @@ import stat
 import struct
 from typing import Any, ClassVar
 
-from connection.executor import Executor
+from connection.executor import Executor, wait_readable
 from connection.protocol import ProtocolFeature, VirtioFeature
 from connection.unixsock import bind_unix_listener, unlink_if_same
 
@@ -40,16 +40,6 @@ TX_QUEUE = 1
 CONFIG = struct.Struct("<HHII")  # cols, rows, max_nr_ports, emerg_wr
 READ_CHUNK = 4096
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
-
-
-async def _readable(loop: asyncio.AbstractEventLoop, fd: int) -> None:
-    """Wait until ``fd`` is readable (or hung up)."""
-    fut = loop.create_future()
-    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
-    try:
-        await fut
-    finally:
-        loop.remove_reader(fd)
 
 
 # --------------------------------------------------------------------------
@@ -112,7 +102,7 @@ class FdInput(Input):
     async def read(self) -> bytes:
         while True:
             if not self.regular:
-                await _readable(self.loop, self.fd)
+                await wait_readable(self.loop, self.fd)
             try:
                 return os.read(self.fd, READ_CHUNK)
             except (BlockingIOError, InterruptedError):
@@ -191,7 +181,7 @@ class SocketPort(Output, Input):
                 self._client_ready = self.loop.create_future()
                 await self._client_ready
                 continue
-            await _readable(self.loop, client.fileno())
+            await wait_readable(self.loop, client.fileno())
             if client is not self.client:
                 continue
             try:

@@ -23,6 +23,7 @@ from connection.errors import ProtocolError
 from connection.frontend import (DESC_F_INDIRECT, BlockDriver, BlockError, VhostUserFrontend,
                                  VIRTIO_BLK_S_IOERR, decode_blk_config)
 from connection.protocol import FrontendReq, ProtocolFeature, VirtioFeature
+from tests.qsd import qsd_command
 
 IMAGE_SIZE = 32 << 20
 QSD = "qemu-storage-daemon"
@@ -40,12 +41,7 @@ class Qsd:
         self.log = tmp / "qsd.log"
         with open(self.image, "wb") as f:
             f.truncate(image_size)
-        export = f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={self.sock},writable=on"
-        cmd = [binary]
-        if iothread:
-            cmd += ["--object", "iothread,id=io0"]
-            export += ",iothread=io0"
-        cmd += ["--blockdev", f"driver=file,node-name=f,filename={self.image}", "--export", export]
+        cmd = qsd_command(binary, self.image, self.sock, iothread=iothread)
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10

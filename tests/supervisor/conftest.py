@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -78,12 +76,9 @@ class SupervisorProc(SupervisorProcess):
 
 
 @pytest.fixture
-def sup_dir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="vs-", dir="/tmp")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def sup_dir(sock_dir: str) -> str:
+    """The supervisor's working directory: the shared short socket directory."""
+    return sock_dir
 
 
 @pytest.fixture

@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from tests.qsd import qsd_command
+
 from . import procs
 from .kernel import REPO_ROOT, HarnessError
 
@@ -33,14 +35,8 @@ class QsdBlock:
         self.proc: subprocess.Popen | None = None
 
     def command(self) -> list[str]:
-        return [
-            QSD,
-            "--object", "iothread,id=io0",
-            "--blockdev", f"driver=file,node-name=f,filename={self.image},cache.direct=off",
-            "--export",
-            f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,addr.path={self.socket_path},"
-            f"writable={'on' if self.writable else 'off'},num-queues={self.num_queues},iothread=io0",
-        ]
+        return qsd_command(QSD, self.image, self.socket_path, writable=self.writable,
+                           num_queues=self.num_queues)
 
     def start(self) -> "QsdBlock":
         self.socket_path.unlink(missing_ok=True)
