@@ -2,7 +2,7 @@
 
 Why this shape: a ratio measured side by side in one run is the only number
 that survives a change of machine, so both back-ends serve copies of the same
-image, are driven by the same front-end driver (``connection.frontend``) with
+image, are driven by the same front-end driver (``frontend.vhost_user``) with
 the same pinning, and alternate workload by workload over several rounds;
 the table reports the median and the spread (min-max) of each.
 
@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from connection.errors import QueueBrokenError
-from connection.frontend import BlockDriver, BlockError, VhostUserFrontend
+from frontend.vhost_user import VhostUserFrontend
+from frontend.virtio_blk import BlockDriver, BlockError
 from connection.protocol import ProtocolFeature
 
 from .common import (OurBlockProcess, QsdProcess, fill_image, copy_image, machine_summary, qsd_version,

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.qsd import qsd_command
+from frontend.qsd import qsd_command
 
 CHUNK = 1 << 20
 

@@ -26,11 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.e2e.harness import procs
-from tests.e2e.harness.backends import QsdBlock, start_our_block
-from tests.e2e.harness.initramfs import base_initramfs
-from tests.e2e.harness.kernel import HarnessError, ensure_kernel
-from tests.e2e.harness.qemu import Qemu, choose_accel
+from frontend.guest import procs
+from frontend.guest.backends import QsdBlock, start_our_block
+from frontend.guest.initramfs import base_initramfs
+from frontend.guest.kernel import HarnessError, ensure_kernel
+from frontend.guest.qemu import Qemu, choose_accel
 
 log = logging.getLogger("bench.guest_fio")
 

@@ -34,8 +34,8 @@ import time
 
 import psutil
 
-from supervisor.exercise import drive_rng
-from supervisor.harness import REPO, SupervisorProcess
+from frontend.exercise import drive_rng
+from frontend.supervisor_process import REPO, SupervisorProcess
 
 MODES = {"jailed": [], "plain": ["--disable-sandbox"]}
 

@@ -1,4 +1,4 @@
-"""Drive a device the way a VMM would, with ``connection.frontend``.
+"""Drive a device the way a VMM would, with ``frontend.vhost_user``.
 
 Shared by the demo, the tests and the benchmarks: each function connects to
 a vhost-user socket, does one small, checked piece of real I/O, and
@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import time
 
-from connection.frontend import BlockDriver, VhostUserFrontend
+from .vhost_user import VhostUserFrontend
+from .virtio_blk import BlockDriver
 
 
 def drive_block(path: str, offset: int = 0, data: bytes | None = None, timeout: float = 5.0) -> bytes:

@@ -6,7 +6,7 @@ behind it announces (ours or anyone's).  The probe connects as a front-end,
 negotiates protocol features only (MQ, CONFIG, REPLY_ACK), never sets virtio
 features or memory, and disconnects, so the back-end goes back to waiting.
 
-Also runnable as ``python -m connection.probe``.  Exit status: 0 on success,
+Also runnable as ``python -m frontend.probe``.  Exit status: 0 on success,
 1 when the socket cannot be reached or the back-end breaks the protocol,
 2 on bad arguments.
 """
@@ -19,9 +19,11 @@ import struct
 import sys
 from typing import Any
 
-from .errors import ConnectionClosed, ProtocolError
-from .frontend import VhostUserFrontend, decode_blk_config, feature_names
-from .protocol import ProtocolFeature, VirtioFeature
+from connection.errors import ConnectionClosed, ProtocolError
+from connection.protocol import ProtocolFeature, VirtioFeature
+
+from .vhost_user import VhostUserFrontend, feature_names
+from .virtio_blk import decode_blk_config
 
 #: Device-specific feature bit names, per device type.
 DEVICE_FEATURE_NAMES: dict[str, dict[int, str]] = {

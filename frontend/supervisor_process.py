@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any
 
-from .control import request
+from supervisor.control import request
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         if argv[0] == "device":
             from devices.standalone import main as tool
         else:
-            from connection.probe import main as tool
+            from frontend.probe import main as tool
         try:
             return int(tool(argv[1:]) or 0)
         except SystemExit as e:  # their argparse: --help, usage errors

@@ -19,8 +19,8 @@ import sys
 import tempfile
 import time
 
-from .exercise import drive_block, drive_console, drive_rng, wait_file_contains
-from .harness import SupervisorProcess
+from frontend.exercise import drive_block, drive_console, drive_rng, wait_file_contains
+from frontend.supervisor_process import SupervisorProcess
 from .status import format_table
 
 IMAGE_SIZE = 64 << 20

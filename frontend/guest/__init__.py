@@ -1,4 +1,5 @@
-"""The QEMU end-to-end harness: guest kernel cache, initramfs, QEMU runner, back-ends.
+"""The QEMU guest harness (tests/e2e, benchmarks/guest_fio): guest kernel cache,
+initramfs, QEMU runner, back-ends.
 
 kernel.py fetches and unpacks Debian's cloud kernel; initramfs.py packs busybox, the virtio
 modules and /init; qemu.py runs one guest and parses its console; backends.py starts

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from tests.qsd import qsd_command
+from frontend.qsd import qsd_command
 
 from . import procs
 from .kernel import REPO_ROOT, HarnessError

@@ -18,7 +18,7 @@ import struct
 import subprocess
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = Path(os.environ.get("E2E_CACHE_DIR", REPO_ROOT / ".cache" / "e2e"))
 
 META_PACKAGE = "linux-image-cloud-amd64"

@@ -1,6 +1,6 @@
 """A few raw vhost-user requests, enough to ask a back-end what it offers.
 
-Why not connection.frontend: this must work against any back-end (qemu-storage-daemon
+Why not frontend.vhost_user: this must work against any back-end (qemu-storage-daemon
 included) and must not depend on the code under test to judge that code.
 """
 

@@ -20,7 +20,7 @@ from connection.connection import (ParentResources, VhostUserConnection, VhostUs
                                    VhostUserStream)
 from connection.errors import ConnectionClosed, ProtocolError
 from connection.executor import Executor
-from connection.frontend import VhostUserFrontend
+from frontend.vhost_user import VhostUserFrontend
 from connection.handler import Backend, RequestRefused
 from connection.protocol import (FLAG_REPLY, HEADER, VERSION, FrontendReq, Message,
                                  decode_u64, encode_u64)

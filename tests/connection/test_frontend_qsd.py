@@ -20,10 +20,10 @@ from pathlib import Path
 import pytest
 
 from connection.errors import ProtocolError
-from connection.frontend import (DESC_F_INDIRECT, BlockDriver, BlockError, VhostUserFrontend,
-                                 VIRTIO_BLK_S_IOERR, decode_blk_config)
+from frontend.vhost_user import DESC_F_INDIRECT, VhostUserFrontend
+from frontend.virtio_blk import VIRTIO_BLK_S_IOERR, BlockDriver, BlockError, decode_blk_config
 from connection.protocol import FrontendReq, ProtocolFeature, VirtioFeature
-from tests.qsd import qsd_command
+from frontend.qsd import qsd_command
 
 IMAGE_SIZE = 32 << 20
 QSD = "qemu-storage-daemon"

@@ -17,7 +17,7 @@ import pytest
 
 from connection.connection import VhostUserListener
 from connection.errors import ProtocolError
-from connection.frontend import VhostUserFrontend
+from frontend.vhost_user import VhostUserFrontend
 from connection.handler import GENERIC_PROTOCOL_FEATURES, DeviceRequestHandler
 from connection.protocol import (CONFIG_HEADER, MAX_MEM_SLOTS, FrontendReq, InflightInfo,
                                  MemoryRegion, ProtocolFeature, VirtioFeature, VringAddr,
@@ -435,7 +435,7 @@ def test_add_and_remove_memory_regions(server: Server) -> None:
         fe.negotiate(protocol_features=int(GENERIC_PROTOCOL_FEATURES))
         assert fe.acked_protocol_features & PF.CONFIGURE_MEM_SLOTS
         assert fe._get_u64(R.GET_MAX_MEM_SLOTS) == MAX_MEM_SLOTS
-        from connection.frontend import DriverMemory
+        from frontend.vhost_user import DriverMemory
         fe.mem = DriverMemory(4 << 20)
         for region in fe.mem.table():
             fe.request(R.ADD_MEM_REG, encode_single_region(region), fds=[fe.mem.fd])

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from connection import probe
-from connection.frontend import BlockDriver, VhostUserFrontend
+from frontend import probe
+from frontend.vhost_user import VhostUserFrontend
+from frontend.virtio_blk import BlockDriver
 
 IMAGE_SIZE = 48 << 20
 
@@ -88,8 +89,8 @@ def test_probe_json(qsd, capsys):
 
 
 def test_probe_type_block_and_module_entry_point(qsd):
-    """``python -m connection.probe`` works as a program, with --type."""
-    res = subprocess.run([sys.executable, "-m", "connection.probe", qsd, "--json", "--type", "block"],
+    """``python -m frontend.probe`` works as a program, with --type."""
+    res = subprocess.run([sys.executable, "-m", "frontend.probe", qsd, "--json", "--type", "block"],
                          capture_output=True, text=True, timeout=30, cwd=Path(__file__).resolve().parents[2])
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["block"]["capacity"] == IMAGE_SIZE // 512

@@ -1,6 +1,6 @@
 """Split virtqueue, device side: chains, completion, notification, malicious
 guests, kicks.  Real memfds and eventfds; the driver side is the small ring
-writer below (independent of connection/frontend.py).
+writer below (independent of frontend/vhost_user.py).
 """
 
 from __future__ import annotations

@@ -9,9 +9,8 @@ import time
 
 import pytest
 
-from connection.frontend import (BLK_HDR, BlockDriver, BlockError, VhostUserFrontend, decode_blk_config,
-                                 VIRTIO_BLK_T_OUT)
-from connection.frontend import DEVICE_FEATURE_MASK, DRIVER_FEATURES
+from frontend.vhost_user import DEVICE_FEATURE_MASK, DRIVER_FEATURES, VhostUserFrontend
+from frontend.virtio_blk import BLK_HDR, VIRTIO_BLK_T_OUT, BlockDriver, BlockError, decode_blk_config
 from connection.protocol import VirtioFeature
 from devices.block import BlockBuilder, S_IOERR, S_UNSUPP
 

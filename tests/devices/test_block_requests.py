@@ -24,8 +24,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from connection.errors import ProtocolError
-from connection.frontend import (DEVICE_FEATURE_MASK, DRIVER_FEATURES, BlockDriver, DriverQueue,
-                                 VhostUserFrontend)
+from frontend.vhost_user import DEVICE_FEATURE_MASK, DRIVER_FEATURES, DriverQueue, VhostUserFrontend
+from frontend.virtio_blk import BlockDriver
 from devices.block import (BlockBuilder, CONFIG, F_DISCARD, F_FLUSH, F_RO, F_WRITE_ZEROES, S_IOERR,
                            S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT,
                            T_WRITE_ZEROES)

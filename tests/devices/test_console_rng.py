@@ -7,7 +7,7 @@ import socket
 import time
 
 
-from connection.frontend import VhostUserFrontend
+from frontend.vhost_user import VhostUserFrontend
 from devices.console import ConsoleBuilder
 from devices.rng import RngBuilder
 

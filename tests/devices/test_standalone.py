@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from connection.frontend import BLK_HDR, VhostUserFrontend, VIRTIO_BLK_T_OUT
+from frontend.vhost_user import VhostUserFrontend
+from frontend.virtio_blk import BLK_HDR, VIRTIO_BLK_T_OUT
 from devices import standalone
 
 from .conftest import REPO, standalone as run_standalone, standalone_cmd, wait_for_path

@@ -15,10 +15,10 @@ from typing import Iterator
 
 import pytest
 
-from tests.e2e.harness import procs
-from tests.e2e.harness.initramfs import base_initramfs
-from tests.e2e.harness.kernel import GuestKernel, ensure_kernel
-from tests.e2e.harness.qemu import Qemu, choose_accel
+from frontend.guest import procs
+from frontend.guest.initramfs import base_initramfs
+from frontend.guest.kernel import GuestKernel, ensure_kernel
+from frontend.guest.qemu import Qemu, choose_accel
 
 log = logging.getLogger("e2e")
 

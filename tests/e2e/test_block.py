@@ -12,8 +12,8 @@ import os
 
 import pytest
 
-from tests.e2e.harness import guest_scripts as gs
-from tests.e2e.harness.backends import start_our_block
+from frontend.guest import guest_scripts as gs
+from frontend.guest.backends import start_our_block
 
 log = logging.getLogger("e2e")
 

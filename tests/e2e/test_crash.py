@@ -19,12 +19,12 @@ import time
 
 import pytest
 
-from tests.e2e.harness import guest_scripts as gs
-from tests.e2e.harness import procs
-from tests.e2e.harness.backends import QsdBlock, Supervisor
-from tests.e2e.harness.qemu import GuestFailure
-from tests.e2e.harness.qemu import parse_console as gs_parse
-from tests.e2e.harness.vhost_user_probe import PROTOCOL_F_INFLIGHT_SHMFD, protocol_features
+from frontend.guest import guest_scripts as gs
+from frontend.guest import procs
+from frontend.guest.backends import QsdBlock, Supervisor
+from frontend.guest.qemu import GuestFailure
+from frontend.guest.qemu import parse_console as gs_parse
+from frontend.guest.vhost_user_probe import PROTOCOL_F_INFLIGHT_SHMFD, protocol_features
 
 log = logging.getLogger("e2e")
 MiB = 1 << 20

@@ -10,8 +10,8 @@ import logging
 
 import pytest
 
-from tests.e2e.harness import guest_scripts as gs
-from tests.e2e.harness.backends import QsdBlock
+from frontend.guest import guest_scripts as gs
+from frontend.guest.backends import QsdBlock
 
 log = logging.getLogger("e2e")
 

@@ -11,9 +11,9 @@ import subprocess
 
 import pytest
 
-from tests.e2e.harness.initramfs import DEFAULT_MODULES, CpioWriter, overlay_cpio
-from tests.e2e.harness.kernel import modinfo_depends, parse_modules_dep, read_module, resolve_modules
-from tests.e2e.harness.qemu import parse_console
+from frontend.guest.initramfs import DEFAULT_MODULES, CpioWriter, overlay_cpio
+from frontend.guest.kernel import modinfo_depends, parse_modules_dep, read_module, resolve_modules
+from frontend.guest.qemu import parse_console
 
 
 @pytest.mark.e2e

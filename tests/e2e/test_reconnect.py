@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from tests.e2e.harness import guest_scripts as gs
-from tests.e2e.harness.backends import Supervisor
+from frontend.guest import guest_scripts as gs
+from frontend.guest.backends import Supervisor
 
 log = logging.getLogger("e2e")
 MiB = 1 << 20

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.harness import guest_scripts as gs
-from tests.e2e.harness.backends import OurDevice
+from frontend.guest import guest_scripts as gs
+from frontend.guest.backends import OurDevice
 
 
 @pytest.mark.e2e

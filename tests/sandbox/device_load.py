@@ -19,7 +19,8 @@ import uvloop  # noqa: F401  (imported before fork: nothing can be imported afte
 
 from connection.connection import VhostUserStream
 from connection.executor import Executor
-from connection.frontend import BlockDriver, VhostUserFrontend
+from frontend.vhost_user import VhostUserFrontend
+from frontend.virtio_blk import BlockDriver
 from devices import BUILDERS
 from sandbox import JailConfig, JailedChild, spawn
 from sandbox.jail import POLICY_DIR

@@ -1,6 +1,6 @@
 """A real supervisor in a subprocess, for the integration tests.
 
-``SupervisorProc`` (``supervisor.harness.SupervisorProcess`` plus test
+``SupervisorProc`` (``frontend.supervisor_process.SupervisorProcess`` plus test
 helpers) starts ``python -m supervisor.cli run ...`` with its own
 NOTIFY_SOCKET (a test waits for READY=1, as systemd would), a control socket
 and a log file in a short private directory.  Teardown SIGKILLs the
@@ -20,7 +20,7 @@ from typing import Any
 import psutil
 import pytest
 
-from supervisor.harness import REPO, SupervisorProcess
+from frontend.supervisor_process import REPO, SupervisorProcess
 
 __all__ = ["REPO", "SupervisorProc", "pid_alive"]
 

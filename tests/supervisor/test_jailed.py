@@ -15,7 +15,7 @@ import signal
 
 from supervisor import cli
 from supervisor.config import default_policy_dir
-from supervisor.exercise import drive_block, drive_rng
+from frontend.exercise import drive_block, drive_rng
 
 from .conftest import SupervisorProc, pid_alive
 

@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from supervisor.exercise import drive_block, drive_rng
+from frontend.exercise import drive_block, drive_rng
 
 from .conftest import SupervisorProc, pid_alive
 
@@ -150,7 +150,7 @@ def test_control_stop_start(sup: SupervisorProc) -> None:
 
 
 def test_serving_state_and_frontend_column(sup: SupervisorProc) -> None:
-    from connection.frontend import VhostUserFrontend
+    from frontend.vhost_user import VhostUserFrontend
     rng = sup.path("rng.sock")
     sup.start(*NOSANDBOX, "--rng", f"vhost={rng}")
     assert sup.status()["rng-0"]["frontend"] == "no"
