@@ -10,7 +10,7 @@ APT_PACKAGES := libcap-dev libseccomp2 qemu-system-x86 qemu-system-common qemu-u
                 busybox-static cpio zstd xz-utils fio
 PYTEST_FLAGS ?=
 
-.PHONY: all setup system-packages demo test e2e security bench clean
+.PHONY: all setup system-packages demo test check e2e security bench clean
 
 all: test
 
@@ -40,6 +40,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_FLAGS)
+
+# The fast tier: unit and integration tests (real sockets, fork, jails, seccomp),
+# nothing that needs a QEMU binary or boots a guest.
+check: setup
+	$(PY) -m pytest tests --ignore=tests/e2e -m "not e2e and not qemu" $(PYTEST_FLAGS)
 
 e2e: setup
 	$(PY) -m pytest tests/e2e $(PYTEST_FLAGS)

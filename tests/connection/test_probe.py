@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from frontend import probe
+from frontend.qsd import qsd_command
 from frontend.vhost_user import VhostUserFrontend
 from frontend.virtio_blk import BlockDriver
 
@@ -35,9 +36,7 @@ def qsd(tmp_path: Path):
     with open(image, "wb") as f:
         f.truncate(IMAGE_SIZE)
     log = open(tmp_path / "qsd.log", "wb")
-    proc = subprocess.Popen([binary, "--blockdev", f"driver=file,node-name=f,filename={image}",
-                             "--export", f"type=vhost-user-blk,id=e,node-name=f,addr.type=unix,"
-                                         f"addr.path={sock},writable=on"],
+    proc = subprocess.Popen(qsd_command(binary, image, sock, iothread=False),
                             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     log.close()
     deadline = time.monotonic() + 10
@@ -57,6 +56,7 @@ def qsd(tmp_path: Path):
                 proc.wait(5)
 
 
+@pytest.mark.qemu
 def test_probe_text(qsd, capsys):
     assert probe.main([qsd]) == 0
     out = capsys.readouterr().out
@@ -74,6 +74,7 @@ def test_probe_text(qsd, capsys):
     assert "blk_size=512" in out and "num_queues=1" in out
 
 
+@pytest.mark.qemu
 def test_probe_json(qsd, capsys):
     assert probe.main([qsd, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -88,6 +89,7 @@ def test_probe_json(qsd, capsys):
     assert info["block"]["num_queues"] == 1
 
 
+@pytest.mark.qemu
 def test_probe_type_block_and_module_entry_point(qsd):
     """``python -m frontend.probe`` works as a program, with --type."""
     res = subprocess.run([sys.executable, "-m", "frontend.probe", qsd, "--json", "--type", "block"],
@@ -96,6 +98,7 @@ def test_probe_type_block_and_module_entry_point(qsd):
     assert json.loads(res.stdout)["block"]["capacity"] == IMAGE_SIZE // 512
 
 
+@pytest.mark.qemu
 def test_backend_still_serves_after_probe(qsd):
     assert probe.main([qsd, "--json"]) == 0
     with VhostUserFrontend.connect(qsd) as fe:
@@ -125,6 +128,7 @@ def test_guess_type_from_feature_bits():
     assert probe.guess_type(version_1, False) == "unknown"                          # rng-like: say so via --type
 
 
+@pytest.mark.qemu
 def test_probe_type_override_names_bits(qsd, capsys):
     assert probe.main([qsd, "--type", "unknown", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)

@@ -9,9 +9,12 @@ with every attached fd closed.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import socket
 import struct
+import termios
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -381,20 +384,30 @@ def test_async_eof_is_connection_closed() -> None:
         back.close()
 
 
+def _queued(sock: socket.socket) -> int:
+    """Bytes waiting in ``sock``'s receive queue (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
+
+
 def test_async_cancel_mid_message_closes_fds() -> None:
     """A reader cancelled between header and payload (the loop shutting down)
     still closes the fds that came with the header."""
     front, back_sock = _pair()
     sent = _fds(1)
-    before = open_fds()
+    before: set[int] = set()
     with Executor() as ex:
         back = AsyncMessageSocket(back_sock, ex.loop)
         front.sock.sendmsg([HEADER.pack(R.SET_VRING_KICK, VERSION, 8)],
                            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("i", sent[0]))])
 
         async def run() -> None:
+            before.update(open_fds())   # with the loop running: uvloop opens some fds on its first run
             task = ex.spawn(back.recv())
-            await asyncio.sleep(0.02)
+            # cancel once the reader took the header and its fd off the socket
+            deadline = time.monotonic() + 5
+            while _queued(back_sock):
+                assert time.monotonic() < deadline, "the reader never took the header"
+                await asyncio.sleep(0.001)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task

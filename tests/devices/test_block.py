@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import threading
-import time
 
 import pytest
 
@@ -13,6 +12,7 @@ from frontend.vhost_user import DEVICE_FEATURE_MASK, DRIVER_FEATURES, VhostUserF
 from frontend.virtio_blk import BLK_HDR, VIRTIO_BLK_T_OUT, BlockDriver, BlockError, decode_blk_config
 from connection.protocol import VirtioFeature
 from devices.block import BlockBuilder, S_IOERR, S_UNSUPP
+from tests.conftest import wait_broken
 
 MiB = 1 << 20
 
@@ -155,12 +155,7 @@ def test_out_of_range_and_malformed(run_device, image):
     BLK_HDR.pack_into(hdr2, 0, VIRTIO_BLK_T_OUT, 0, 0)
     q1.submit([(hdr2_gpa, 16), (data_gpa, 512)], [])
     q1.kick()
-    for _ in range(100):
-        if q1.broken():
-            break
-        time.sleep(0.01)
-    else:
-        raise AssertionError("queue 1 was not marked broken")
+    wait_broken(q1)
     assert drv.read(0, 4096) == open(image, "rb").read()[:4096]
     fe.disconnect()
     dev.join()

@@ -59,18 +59,19 @@ def test_console_unix_socket_round_trip(run_device, tmp_path):
     client = socket.socket(socket.AF_UNIX)
     client.connect(path)
     client.settimeout(5)
-    time.sleep(0.1)  # the device accepts on its loop
-    transmit(tx, b"hello from the guest\n")
-    assert client.recv(100) == b"hello from the guest\n"
+    # host to guest first: the device reads a client only once it accepted it,
+    # so the message arriving is the accept (guest output sent earlier is dropped)
     bufs = post_rx(rx, 8, 16)
     message = b"typed on the host, longer than one rx buffer"
     client.sendall(message)
     assert receive(rx, bufs, len(message)) == message
-    # a new client replaces the old one
+    transmit(tx, b"hello from the guest\n")
+    assert client.recv(100) == b"hello from the guest\n"
+    # a new client replaces the old one: accepting it closes the old one
     client2 = socket.socket(socket.AF_UNIX)
     client2.connect(path)
     client2.settimeout(5)
-    time.sleep(0.1)
+    assert client.recv(100) == b""
     transmit(tx, b"second")
     assert client2.recv(100) == b"second"
     client.close()
