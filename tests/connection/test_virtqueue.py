@@ -10,6 +10,7 @@ import ctypes
 import logging
 import mmap
 import os
+import select
 import threading
 import time
 
@@ -784,7 +785,7 @@ def test_wait_kick_sleeps_until_kicked_event_idx(setup):
         assert await q.wait_kick() is True             # start counts as a kick
         assert q.pop() is None
         task = asyncio.ensure_future(q.wait_kick())
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0)                          # one step: the waiter arms kicks and sleeps
         assert not task.done()
         assert ring.avail_event == q.last_avail_idx == 0   # written before sleeping
         ring.chain([(buf, 64, True)])
@@ -805,7 +806,7 @@ def test_wait_kick_toggles_no_notify_without_event_idx(setup):
     async def scenario():
         await q.wait_kick()
         task = asyncio.ensure_future(q.wait_kick())
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0)                          # one step: the waiter arms kicks and sleeps
         assert ring.used[0] == 0                       # kicks wanted while sleeping
         ring.chain([(buf, 64, True)])
         os.eventfd_write(setup.kick[0], 1)
@@ -883,7 +884,8 @@ def test_stop_and_break_wake_waiters(setup):
         await q1.wait_kick()
         t0 = asyncio.ensure_future(q0.wait_kick())
         t1 = asyncio.ensure_future(q1.wait_kick())
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)                          # one step each: both waiters sleep
+        assert not t0.done() and not t1.done()
         q0.stop()
         q1.mark_broken("test")
         assert await asyncio.wait_for(t0, 1) is False
@@ -912,17 +914,21 @@ def test_inband_kick_and_nofd_polling(setup):
 
 def test_kick_fd_is_watched_only_while_started(setup):
     q, ring = setup.queue()
+    setup.queue()                                      # a witness: its kick fd stays watched
 
-    async def settle():
-        for _ in range(5):
+    async def drained(fd: int) -> None:
+        """Until the loop has read ``fd`` (readability checked, nothing read)."""
+        deadline = time.monotonic() + 5
+        while select.select([fd], [], [], 0)[0]:
+            assert time.monotonic() < deadline, f"kick eventfd {fd} was never read"
             await asyncio.sleep(0.001)
 
     os.eventfd_write(setup.kick[0], 1)
-    setup.run(settle())
-    assert eventfd_count(setup.kick[0]) == 0          # drained on the loop
+    setup.run(drained(setup.kick[0]))                  # drained on the loop
     q.stop()
     os.eventfd_write(setup.kick[0], 1)
-    setup.run(settle())
+    os.eventfd_write(setup.kick[1], 1)
+    setup.run(drained(setup.kick[1]))                  # the loop polled since both kicks
     assert eventfd_count(setup.kick[0]) == 1          # nobody reads a stopped queue's fd
 
 
