@@ -36,7 +36,7 @@ def test_usage_errors(tmp_path, capsys):
     assert "--file" in capsys.readouterr().err
     assert standalone.main(["block", "--socket-path", str(tmp_path / "s"),
                             "--file", str(tmp_path / "missing.img")]) == 1
-    assert "path=" in capsys.readouterr().err
+    assert "key 'path'" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
     with pytest.raises(SystemExit):
         standalone.main(["block", "--socket-path", "a", "--fd", "3"])
