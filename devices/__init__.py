@@ -21,19 +21,23 @@ from .options import ConfigError, Option, parse_bool
 #: device type name -> its declaration, in the order help texts list them.
 DEVICE_TYPES: dict[str, DeviceType] = registry(block.DEVICE, console.DEVICE, rng.DEVICE)
 
-#: device type name -> builder class (``Builder.from_options(name, options)``).
+#: device type name -> builder class (``Builder.from_options(name, options)``),
+#: derived from ``DEVICE_TYPES`` for callers that only build.
 BUILDERS: dict[str, type[DeviceBuilder]] = {name: t.builder for name, t in DEVICE_TYPES.items()}
-
-#: every name a config may use for a type (name, supervisor flag, aliases) -> type name.
-TYPE_NAMES: dict[str, str] = {n: t.name for t in DEVICE_TYPES.values() for n in t.names}
 
 #: what a device child needs besides the connection package (see ``child_modules``).
 _SHARED_CHILD_MODULES = ("devices", "devices.base", "devices.devtype", "devices.options")
 
 
+def type_names() -> dict[str, str]:
+    """Every name a config may use for a type (its name, supervisor flag and
+    aliases) -> the type's name."""
+    return {n: t.name for t in DEVICE_TYPES.values() for n in t.names}
+
+
 def lookup(type_name: str) -> DeviceType | None:
     """The declaration selected by ``type_name`` (a name, flag or alias)."""
-    name = TYPE_NAMES.get(type_name)
+    name = type_names().get(type_name)
     return None if name is None else DEVICE_TYPES[name]
 
 
@@ -50,5 +54,5 @@ def child_modules() -> tuple[str, ...]:
     return tuple(dict.fromkeys(mods))
 
 
-__all__ = ["BUILDERS", "DEVICE_TYPES", "TYPE_NAMES", "ConfigError", "DeviceBuilder", "DeviceType",
-           "Option", "by_flag", "child_modules", "lookup", "parse_bool"]
+__all__ = ["BUILDERS", "DEVICE_TYPES", "ConfigError", "DeviceBuilder", "DeviceType", "Option", "by_flag",
+           "child_modules", "lookup", "parse_bool", "type_names"]

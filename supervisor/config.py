@@ -235,12 +235,13 @@ def load_toml(path: str, cfg: SupervisorConfig | None = None) -> SupervisorConfi
             raise ConfigError("must be a table", "device", origin)
         opts = dict(entry)
         dtype_raw = opts.pop("type", None)
-        known = ", ".join(devices.TYPE_NAMES)
+        known = ", ".join(devices.type_names())
         if dtype_raw is None:
             raise ConfigError(f"is required (one of {known})", "type", str(opts.get("name") or origin))
-        dtype = devices.TYPE_NAMES.get(str(dtype_raw))
-        if dtype is None:
+        found = devices.lookup(str(dtype_raw))
+        if found is None:
             raise ConfigError(f"not one of {known}", "type", str(opts.get("name") or origin), dtype_raw)
+        dtype = found.name
         idx = counters.get(dtype, 0)
         counters[dtype] = idx + 1
         cfg.devices.append(_device_from_options(dtype, opts, origin, idx))
