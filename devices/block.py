@@ -66,6 +66,7 @@ CONFIG_READ_LIMIT = 256
 T_SHORT_HEADER = -1
 
 _unpack_header = HEADER.unpack_from
+_HEADER_SIZE = HEADER.size
 
 _RING_FEATURES = (VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC
                   | VirtioFeature.RING_EVENT_IDX)
@@ -86,40 +87,57 @@ class BlockRequest(NamedTuple):
     status: memoryview
 
 
+#: ``BlockRequest(...)`` without the generated ``__new__`` (a Python-level
+#: call): this runs once per request on the hot path.
+_new_tuple = tuple.__new__
+
+
 def parse_request(chain: Any) -> BlockRequest | None:
     """The request ``chain`` carries, or None when it has no device-writable
     byte for the status (then nothing can be answered: the queue breaks).
 
-    A header that does not sit whole in the first readable buffer is
-    gathered; one shorter than ``HEADER`` gives type ``T_SHORT_HEADER``."""
+    Written for the hot path: the common shape (the header alone or at the
+    start of the first readable buffer) is served here, a split header by
+    ``_parse_split_header``."""
     w = chain.writable
     if not w:
         return None
     last = w[-1]
     nlast = len(last) - 1  # index of the status byte
-    status = last[nlast:] if nlast else last
     r = chain.readable
     try:
         rtype, _, sector = _unpack_header(r[0])
-        whole = True
     except (IndexError, struct.error):
-        n = chain.readable_len
-        if n < HEADER.size:
-            return BlockRequest(T_SHORT_HEADER, 0, [], n, status)
-        rtype, _, sector = HEADER.unpack(b"".join(bytes(v[:HEADER.size]) for v in r)[:HEADER.size])
-        whole = False
+        return _parse_split_header(chain, last, nlast)
     if rtype == T_IN or rtype == T_GET_ID:
         data = w[:-1]
         if nlast:
             data.append(last[:nlast])
+            last = last[nlast:]
+        return _new_tuple(BlockRequest, (rtype, sector, data, chain.writable_len - 1, last))
+    data = r[1:]
+    first = r[0]
+    if len(first) != _HEADER_SIZE:
+        data.insert(0, first[_HEADER_SIZE:])
+    return _new_tuple(BlockRequest, (rtype, sector, data, chain.readable_len - _HEADER_SIZE,
+                                     last[nlast:] if nlast else last))
+
+
+def _parse_split_header(chain: Any, last: memoryview, nlast: int) -> BlockRequest:
+    """A header spread over several readable buffers is gathered; one shorter
+    than ``HEADER`` gives type ``T_SHORT_HEADER`` (answered with IOERR)."""
+    status = last[nlast:] if nlast else last
+    r = chain.readable
+    n = chain.readable_len
+    if n < _HEADER_SIZE:
+        return BlockRequest(T_SHORT_HEADER, 0, [], n, status)
+    rtype, _, sector = HEADER.unpack(b"".join(bytes(v[:_HEADER_SIZE]) for v in r)[:_HEADER_SIZE])
+    if rtype == T_IN or rtype == T_GET_ID:
+        data = chain.writable[:-1]
+        if nlast:
+            data.append(last[:nlast])
         return BlockRequest(rtype, sector, data, chain.writable_len - 1, status)
-    if whole:
-        data = r[1:]
-        if len(r[0]) != HEADER.size:
-            data.insert(0, r[0][HEADER.size:])
-    else:
-        data = _skip(r, HEADER.size)
-    return BlockRequest(rtype, sector, data, chain.readable_len - HEADER.size, status)
+    return BlockRequest(rtype, sector, _skip(r, _HEADER_SIZE), n - _HEADER_SIZE, status)
 
 
 class BlockDevice(QueueTaskDevice):
