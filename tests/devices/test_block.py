@@ -13,7 +13,8 @@ from connection.frontend import (BLK_HDR, BlockDriver, BlockError, VhostUserFron
                                  VIRTIO_BLK_T_OUT)
 from connection.frontend import DEVICE_FEATURE_MASK, DRIVER_FEATURES
 from connection.protocol import VirtioFeature
-from devices.block import BlockBuilder, S_IOERR, S_UNSUPP
+from devices.block import BlockBuilder
+from devices.virtio_blk import S_IOERR, S_UNSUPP
 
 MiB = 1 << 20
 
