@@ -297,51 +297,40 @@ class BlockDevice(QueueTaskDevice):
 
     def _handle(self, chain: Any, qi: int) -> int:
         """Serve one request; return the used length, or -1 if the chain has
-        no status byte (the queue must be broken)."""
+        no status byte (the queue must be broken).  IN and OUT are served
+        here, in one path, the rest by ``_other``."""
         req = parse_request(chain)
         if req is None:
             self._bad(qi, "no device-writable status byte")
             return -1
         rtype, sector, bufs, total, status = req
         if rtype == T_IN:
-            offset = sector << SECTOR_SHIFT
-            if total & (SECTOR_SIZE - 1) or offset + total > self.size:
-                self._bad(qi, f"IN sector {sector} length {total} outside the disk or not sector-sized")
+            read, transfer = True, os.preadv
+        elif rtype == T_OUT:
+            if self.read_only:
+                self._bad(qi, "OUT on a read-only disk")
                 status[0] = S_IOERR
                 return 1
-            try:
-                n = os.preadv(self.fd, bufs, offset)
-                if n != total:
-                    self._finish(os.preadv, bufs, offset, n, total)
-            except OSError as exc:
-                if not self._direct_retry(exc, True, bufs, offset, total):
-                    status[0] = S_IOERR
-                    return 1
-            status[0] = S_OK
-            return total + 1
-        if rtype == T_OUT:
-            return self._write(qi, req)
-        return self._other(qi, req)
-
-    def _write(self, qi: int, req: BlockRequest) -> int:
-        _, sector, bufs, total, status = req
+            read, transfer = False, os.pwritev
+        else:
+            return self._other(qi, req)
         offset = sector << SECTOR_SHIFT
-        if self.read_only:
-            self._bad(qi, "OUT on a read-only disk")
-            status[0] = S_IOERR
-            return 1
         if total & (SECTOR_SIZE - 1) or offset + total > self.size:
-            self._bad(qi, f"OUT sector {sector} length {total} outside the disk or not sector-sized")
+            self._bad(qi, f"{'IN' if read else 'OUT'} sector {sector} length {total} "
+                          f"outside the disk or not sector-sized")
             status[0] = S_IOERR
             return 1
         try:
-            n = os.pwritev(self.fd, bufs, offset)
+            n = transfer(self.fd, bufs, offset)
             if n != total:
-                self._finish(os.pwritev, bufs, offset, n, total)
+                self._finish(transfer, bufs, offset, n, total)
         except OSError as exc:
-            if not self._direct_retry(exc, False, bufs, offset, total):
+            if not self._direct_retry(exc, read, bufs, offset, total):
                 status[0] = S_IOERR
                 return 1
+        if read:
+            status[0] = S_OK
+            return total + 1
         if self.writethrough:
             try:
                 os.fdatasync(self.fd)
