@@ -166,22 +166,22 @@ def _apply_supervisor_keys(cfg: SupervisorConfig, table: dict[str, Any], where: 
                 _apply_jail_key(cfg.jail, k, v)
             continue
         if key not in SUPERVISOR_KEYS:
-            raise ConfigError(f"unknown key in {where} (known: {', '.join(SUPERVISOR_KEYS)})", key, None, value)
+            raise ConfigError(f"unknown key in {where} (known: {', '.join(SUPERVISOR_KEYS)})", key, value=value)
         if key == "control-socket":
             cfg.control_socket = str(value)
         elif key == "disable-sandbox":
             cfg.disable_sandbox = parse_bool(value, key)
         elif key == "log-format":
             if value not in ("text", "json"):
-                raise ConfigError("not one of text, json", key, None, value)
+                raise ConfigError("not one of text, json", key, value=value)
             cfg.log_format = str(value)
         elif key == "grace-period":
             try:
                 cfg.grace_period = float(value)
             except (TypeError, ValueError):
-                raise ConfigError("not a number of seconds", key, None, value) from None
+                raise ConfigError("not a number of seconds", key, value=value) from None
             if not 0 <= cfg.grace_period <= 3600:
-                raise ConfigError("out of range 0..3600", key, None, value)
+                raise ConfigError("out of range 0..3600", key, value=value)
         else:
             _apply_jail_key(cfg.jail, key, value)
 
@@ -190,17 +190,17 @@ def _apply_jail_key(jail: JailOptions, key: str, value: Any) -> None:
     if key == "pivot-root":
         path = str(value)
         if not os.path.isdir(path):
-            raise ConfigError("not a directory", key, None, path)
+            raise ConfigError("not a directory", key, value=path)
         jail.pivot_root = os.path.abspath(path)
     elif key == "seccomp-policy-dir":
         path = str(value)
         if not os.path.isdir(path):
-            raise ConfigError("not a directory", key, None, path)
+            raise ConfigError("not a directory", key, value=path)
         jail.seccomp_policy_dir = os.path.abspath(path)
     elif key == "seccomp-log-failures":
         jail.seccomp_log_failures = parse_bool(value, key)
     else:
-        raise ConfigError(f"unknown --jail key (known: {', '.join(JAIL_KEYS)})", key, None, value)
+        raise ConfigError(f"unknown --jail key (known: {', '.join(JAIL_KEYS)})", key, value=value)
 
 
 def load_toml(path: str, cfg: SupervisorConfig | None = None) -> SupervisorConfig:
@@ -280,7 +280,8 @@ def validate(cfg: SupervisorConfig) -> None:
         cfg.control_socket = default_control_socket()
     cfg.control_socket = os.path.abspath(cfg.control_socket)
     if len(os.fsencode(cfg.control_socket)) > SUN_PATH_MAX:
-        raise ConfigError(f"longer than {SUN_PATH_MAX} bytes (sun_path)", "control-socket", None, cfg.control_socket)
+        raise ConfigError(f"longer than {SUN_PATH_MAX} bytes (sun_path)", "control-socket",
+                          value=cfg.control_socket)
     names: dict[str, DeviceSpec] = {}
     sockets: dict[str, DeviceSpec] = {}
     for d in cfg.devices:
@@ -351,7 +352,7 @@ def build_config(*, config_file: str | None = None,
         cfg.control_socket = control_socket
     if log_format:
         if log_format not in ("text", "json"):
-            raise ConfigError("not one of text, json", "log-format", None, log_format)
+            raise ConfigError("not one of text, json", "log-format", value=log_format)
         cfg.log_format = log_format
     if grace_period is not None:
         _apply_supervisor_keys(cfg, {"grace-period": grace_period}, "--grace-period")
