@@ -44,7 +44,7 @@ def _checked(opt: Option) -> Callable[[str], str]:
         try:
             opt.parse(value, key=_flags(opt)[0])
         except ConfigError as exc:
-            raise argparse.ArgumentTypeError(exc.message) from None
+            raise argparse.ArgumentTypeError(f"{value!r}: {exc.message}") from None
         return value
     check.__name__ = opt.type.__name__
     return check
