@@ -4,94 +4,26 @@ A builder lives in two processes: ``from_options`` runs in the privileged
 parent and opens every resource there (the jailed child can open nothing);
 ``build`` runs in the child after jailing and may only wrap what is already
 open.  Options arrive as crosvm-style ``key=value`` strings, already split by
-the supervisor; every bad one raises ``ConfigError`` naming the key and value,
-so an operator sees exactly which part of a config line is wrong.
+the supervisor; ``from_options`` checks them against the type's declaration
+(``cls.declaration``, a ``devtype.DeviceType``), and every bad one raises
+``options.ConfigError`` naming the device, key and value, so an operator sees
+exactly which part of a config line is wrong.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Iterable
-from typing import Any, ClassVar
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from connection.device import VhostUserDevice, VhostUserDeviceBuilder
 from connection.executor import Executor
 
+if TYPE_CHECKING:
+    from .devtype import DeviceType
+
 log = logging.getLogger("devices")
-
-
-class ConfigError(ValueError):
-    """A device option is missing, unknown or has a bad value; the message
-    names the key and the value."""
-
-
-# --------------------------------------------------------------------------
-# Option parsing
-
-_TRUE = frozenset({"", "true", "1", "yes", "on"})
-_FALSE = frozenset({"false", "0", "no", "off"})
-
-
-class Options:
-    """Typed access to a ``dict[str, str]`` of device options.
-
-    Every key read is remembered, so ``check_unknown`` can refuse typos
-    (``readonly=true`` silently doing nothing is worse than an error).
-    """
-
-    def __init__(self, device: str, options: dict[str, str], *, ignored: Iterable[str] = ()) -> None:
-        self.device = device
-        self.raw = {str(k): str(v) for k, v in options.items()}
-        self._used: set[str] = set(ignored)
-
-    def _get(self, key: str, aliases: tuple[str, ...]) -> tuple[str, str] | None:
-        found = None
-        for k in (key, *aliases):
-            self._used.add(k)
-            if k in self.raw:
-                if found is not None:
-                    raise ConfigError(f"{self.device}: both {found[0]}={found[1]!r} and {k}={self.raw[k]!r} given")
-                found = (k, self.raw[k])
-        return found
-
-    def text(self, key: str, default: str | None = None, *aliases: str) -> str | None:
-        got = self._get(key, aliases)
-        return default if got is None else got[1]
-
-    def required(self, key: str, *aliases: str) -> str:
-        got = self._get(key, aliases)
-        if got is None or got[1] == "":
-            raise ConfigError(f"{self.device}: option {key}= is required")
-        return got[1]
-
-    def flag(self, key: str, default: bool, *aliases: str) -> bool:
-        got = self._get(key, aliases)
-        if got is None:
-            return default
-        value = got[1].strip().lower()
-        if value in _TRUE:
-            return True
-        if value in _FALSE:
-            return False
-        raise ConfigError(f"{self.device}: {got[0]}={got[1]!r} is not a boolean (true/false)")
-
-    def integer(self, key: str, default: int, lo: int, hi: int, *aliases: str) -> int:
-        got = self._get(key, aliases)
-        if got is None:
-            return default
-        try:
-            value = int(got[1], 0)
-        except ValueError:
-            raise ConfigError(f"{self.device}: {got[0]}={got[1]!r} is not an integer") from None
-        if not lo <= value <= hi:
-            raise ConfigError(f"{self.device}: {got[0]}={got[1]!r} is outside [{lo}, {hi}]")
-        return value
-
-    def check_unknown(self) -> None:
-        for key, value in self.raw.items():
-            if key not in self._used:
-                raise ConfigError(f"{self.device}: unknown option {key}={value!r}")
 
 
 # --------------------------------------------------------------------------
@@ -100,6 +32,9 @@ class Options:
 class DeviceBuilder(VhostUserDeviceBuilder):
     """A device type's builder, as the supervisor sees it (docs/architecture.md)."""
 
+    #: Set by the type's ``DeviceType`` declaration (never by hand): the
+    #: declaration, its name and its policy file, for code holding a builder.
+    declaration: ClassVar[DeviceType]
     device_type: ClassVar[str]
     seccomp_policy: ClassVar[str]
 

@@ -24,44 +24,23 @@ import logging
 import mmap
 import os
 import struct
-from typing import Any, ClassVar
+from typing import Any, NamedTuple
 
 from connection.executor import Executor
 from connection.protocol import ProtocolFeature, VirtioFeature
 from connection.virtqueue import POLL_MAX_NS
 
 from . import diskfile
-from .base import ConfigError, DeviceBuilder, Options, QueueTaskDevice
+from .base import DeviceBuilder, QueueTaskDevice
+from .devtype import DeviceType
+from .options import ConfigError, Option
+from .virtio_blk import (CONFIG, F_BLK_SIZE, F_DISCARD, F_FLUSH, F_MQ, F_RO, F_SEG_MAX, F_SIZE_MAX,
+                         F_TOPOLOGY, F_WRITE_ZEROES, HEADER, ID_BYTES, S_IOERR, S_OK, S_UNSUPP,
+                         SECTOR_SHIFT, SECTOR_SIZE, SEG_FLAG_UNMAP, SEGMENT, T_DISCARD, T_FLUSH,
+                         T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES, BlkConfig)
 
 log = logging.getLogger("devices.block")
 
-# --------------------------------------------------------------------------
-# virtio-blk constants (virtio spec 5.2)
-
-F_SIZE_MAX = 1 << 1
-F_SEG_MAX = 1 << 2
-F_RO = 1 << 5
-F_BLK_SIZE = 1 << 6
-F_FLUSH = 1 << 9
-F_TOPOLOGY = 1 << 10
-F_MQ = 1 << 12
-F_DISCARD = 1 << 13
-F_WRITE_ZEROES = 1 << 14
-
-T_IN = 0
-T_OUT = 1
-T_FLUSH = 4
-T_GET_ID = 8
-T_DISCARD = 11
-T_WRITE_ZEROES = 13
-
-S_OK = 0
-S_IOERR = 1
-S_UNSUPP = 2
-
-SECTOR_SHIFT = 9
-SECTOR_SIZE = 1 << SECTOR_SHIFT
-ID_BYTES = 20
 MAX_QUEUES = 16
 
 #: Limits advertised in the config space.  seg_max follows
@@ -79,21 +58,86 @@ DIRECT_IO_THREADS = 8
 #: Bytes moved before the used index is published (without a notification)
 #: even if more requests wait.
 FLUSH_BYTES = 64 << 10
-SEGMENT = struct.Struct("<QII")  # sector, num_sectors, flags
-SEG_FLAG_UNMAP = 1
-
-HEADER = struct.Struct("<IIQ")  # type, ioprio, sector
-_unpack_header = HEADER.unpack_from
-
-#: struct virtio_blk_config up to write_zeroes_may_unmap (60 bytes).
-CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
-assert CONFIG.size == 60
-#: Reads past our fields (secure-erase, zoned) return zeros, up to this size,
-#: because front-ends size the read from their own struct.
+#: Reads past our config fields (secure-erase, zoned) return zeros, up to
+#: this size, because front-ends size the read from their own struct.
 CONFIG_READ_LIMIT = 256
+#: Not a virtio type: what ``parse_request`` calls a request whose header
+#: is shorter than ``HEADER`` (it completes with IOERR).
+T_SHORT_HEADER = -1
+
+_unpack_header = HEADER.unpack_from
+_HEADER_SIZE = HEADER.size
 
 _RING_FEATURES = (VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC
                   | VirtioFeature.RING_EVENT_IDX)
+
+
+class BlockRequest(NamedTuple):
+    """One virtio-blk request, parsed once from its descriptor chain.
+
+    ``data`` are the request's data buffers without the header and the
+    status byte: device-writable for IN and GET_ID, device-readable for
+    every other type; ``length`` is their size in bytes; ``status`` is a
+    one-byte view of the status byte (the chain's last writable byte)."""
+
+    type: int
+    sector: int
+    data: list
+    length: int
+    status: memoryview
+
+
+#: ``BlockRequest(...)`` without the generated ``__new__`` (a Python-level
+#: call): this runs once per request on the hot path.
+_new_tuple = tuple.__new__
+
+
+def parse_request(chain: Any) -> BlockRequest | None:
+    """The request ``chain`` carries, or None when it has no device-writable
+    byte for the status (then nothing can be answered: the queue breaks).
+
+    Written for the hot path: the common shape (the header alone or at the
+    start of the first readable buffer) is served here, a split header by
+    ``_parse_split_header``."""
+    w = chain.writable
+    if not w:
+        return None
+    last = w[-1]
+    nlast = len(last) - 1  # index of the status byte
+    r = chain.readable
+    try:
+        rtype, _, sector = _unpack_header(r[0])
+    except (IndexError, struct.error):
+        return _parse_split_header(chain, last, nlast)
+    if rtype == T_IN or rtype == T_GET_ID:
+        data = w[:-1]
+        if nlast:
+            data.append(last[:nlast])
+            last = last[nlast:]
+        return _new_tuple(BlockRequest, (rtype, sector, data, chain.writable_len - 1, last))
+    data = r[1:]
+    first = r[0]
+    if len(first) != _HEADER_SIZE:
+        data.insert(0, first[_HEADER_SIZE:])
+    return _new_tuple(BlockRequest, (rtype, sector, data, chain.readable_len - _HEADER_SIZE,
+                                     last[nlast:] if nlast else last))
+
+
+def _parse_split_header(chain: Any, last: memoryview, nlast: int) -> BlockRequest:
+    """A header spread over several readable buffers is gathered; one shorter
+    than ``HEADER`` gives type ``T_SHORT_HEADER`` (answered with IOERR)."""
+    status = last[nlast:] if nlast else last
+    r = chain.readable
+    n = chain.readable_len
+    if n < _HEADER_SIZE:
+        return BlockRequest(T_SHORT_HEADER, 0, [], n, status)
+    rtype, _, sector = HEADER.unpack(b"".join(bytes(v[:_HEADER_SIZE]) for v in r)[:_HEADER_SIZE])
+    if rtype == T_IN or rtype == T_GET_ID:
+        data = chain.writable[:-1]
+        if nlast:
+            data.append(last[:nlast])
+        return BlockRequest(rtype, sector, data, chain.writable_len - 1, status)
+    return BlockRequest(rtype, sector, _skip(r, _HEADER_SIZE), n - _HEADER_SIZE, status)
 
 
 class BlockDevice(QueueTaskDevice):
@@ -150,16 +194,18 @@ class BlockDevice(QueueTaskDevice):
 
     def _build_config(self) -> bytes:
         align = max(self.block_size >> SECTOR_SHIFT, 1)
-        return CONFIG.pack(
-            self.capacity, SIZE_MAX, SEG_MAX,
-            0, 0, 0,                      # geometry (not offered)
-            self.block_size,
-            0, 0, 1, 1,                   # topology: physical_block_exp, alignment, min_io, opt_io
-            1, 0,                         # writeback (only meaningful with CONFIG_WCE), unused0
-            self.num_queues,
-            MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, align,
-            MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, 1,
-        )
+        return CONFIG.pack(*BlkConfig(
+            capacity=self.capacity, size_max=SIZE_MAX, seg_max=SEG_MAX,
+            cylinders=0, heads=0, sectors=0,          # geometry (not offered)
+            blk_size=self.block_size,
+            physical_block_exp=0, alignment_offset=0, min_io_size=1, opt_io_size=1,
+            writeback=1, unused0=0,                   # writeback: only meaningful with CONFIG_WCE
+            num_queues=self.num_queues,
+            max_discard_sectors=MAX_DISCARD_SECTORS, max_discard_seg=MAX_DISCARD_SEG,
+            discard_sector_alignment=align,
+            max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS, max_write_zeroes_seg=MAX_WRITE_ZEROES_SEG,
+            write_zeroes_may_unmap=1,
+        ))
 
     def read_config(self, offset: int, size: int) -> bytes:
         if offset < 0 or size < 0 or offset + size > CONFIG_READ_LIMIT:
@@ -251,73 +297,47 @@ class BlockDevice(QueueTaskDevice):
 
     def _handle(self, chain: Any, qi: int) -> int:
         """Serve one request; return the used length, or -1 if the chain has
-        no status byte (the queue must be broken)."""
-        w = chain.writable
-        if not w:
+        no status byte (the queue must be broken).  IN and OUT are served
+        here, in one path, the rest by ``_other``."""
+        req = parse_request(chain)
+        if req is None:
             self._bad(qi, "no device-writable status byte")
             return -1
-        last = w[-1]
-        nlast = len(last) - 1  # index of the status byte
-        r = chain.readable
-        try:
-            rtype, _, sector = _unpack_header(r[0])
-        except (IndexError, struct.error):
-            return self._split_header(chain, qi, last, nlast)
-        offset = sector << SECTOR_SHIFT
-
+        rtype, sector, bufs, total, status = req
         if rtype == T_IN:
-            total = chain.writable_len - 1
-            if total & (SECTOR_SIZE - 1) or offset + total > self.size:
-                self._bad(qi, f"IN sector {sector} length {total} outside the disk or not sector-sized")
-                last[nlast] = S_IOERR
+            read, transfer = True, os.preadv
+        elif rtype == T_OUT:
+            if self.read_only:
+                self._bad(qi, "OUT on a read-only disk")
+                status[0] = S_IOERR
                 return 1
-            bufs = w[:-1]
-            if nlast:
-                bufs.append(last[:nlast])
-            try:
-                n = os.preadv(self.fd, bufs, offset)
-                if n != total:
-                    self._finish(os.preadv, bufs, offset, n, total)
-            except OSError as exc:
-                if not self._direct_retry(exc, True, bufs, offset, total):
-                    last[nlast] = S_IOERR
-                    return 1
-            last[nlast] = S_OK
-            return total + 1
-
-        if rtype == T_OUT:
-            bufs = r[1:]
-            if len(r[0]) != HEADER.size:
-                bufs.insert(0, r[0][HEADER.size:])
-            return self._write(qi, bufs, sector, offset, chain.readable_len - HEADER.size, last, nlast)
-
-        return self._other(chain, qi, rtype, sector, HEADER.size, last, nlast)
-
-    def _write(self, qi: int, bufs: list, sector: int, offset: int, total: int,
-               last: memoryview, nlast: int) -> int:
-        if self.read_only:
-            self._bad(qi, "OUT on a read-only disk")
-            last[nlast] = S_IOERR
-            return 1
+            read, transfer = False, os.pwritev
+        else:
+            return self._other(qi, req)
+        offset = sector << SECTOR_SHIFT
         if total & (SECTOR_SIZE - 1) or offset + total > self.size:
-            self._bad(qi, f"OUT sector {sector} length {total} outside the disk or not sector-sized")
-            last[nlast] = S_IOERR
+            self._bad(qi, f"{'IN' if read else 'OUT'} sector {sector} length {total} "
+                          f"outside the disk or not sector-sized")
+            status[0] = S_IOERR
             return 1
         try:
-            n = os.pwritev(self.fd, bufs, offset)
+            n = transfer(self.fd, bufs, offset)
             if n != total:
-                self._finish(os.pwritev, bufs, offset, n, total)
+                self._finish(transfer, bufs, offset, n, total)
         except OSError as exc:
-            if not self._direct_retry(exc, False, bufs, offset, total):
-                last[nlast] = S_IOERR
+            if not self._direct_retry(exc, read, bufs, offset, total):
+                status[0] = S_IOERR
                 return 1
+        if read:
+            status[0] = S_OK
+            return total + 1
         if self.writethrough:
             try:
                 os.fdatasync(self.fd)
             except OSError:
-                last[nlast] = S_IOERR
+                status[0] = S_IOERR
                 return 1
-        last[nlast] = S_OK
+        status[0] = S_OK
         return 1
 
     # ----------------------------------------------------------- rare paths
@@ -381,85 +401,51 @@ class BlockDevice(QueueTaskDevice):
             bounce.close()
         return True
 
-    def _split_header(self, chain: Any, qi: int, last: memoryview, nlast: int) -> int:
-        """The header does not sit in the first readable buffer: gather it."""
-        r = chain.readable
-        if chain.readable_len < HEADER.size:
-            self._bad(qi, f"request header of {chain.readable_len} bytes, expected {HEADER.size}")
-            last[nlast] = S_IOERR
-            return 1
-        head = b"".join(bytes(v[:HEADER.size]) for v in r)[:HEADER.size]
-        rtype, _, sector = HEADER.unpack(head)
-        if rtype == T_OUT:
-            return self._write(qi, _skip(r, HEADER.size), sector, sector << SECTOR_SHIFT,
-                               chain.readable_len - HEADER.size, last, nlast)
-        if rtype == T_IN:
-            # Rebuild the chain's view of things: IN has no readable data, so
-            # only the header was split; serve it like the fast path does.
-            return self._other(chain, qi, T_IN, sector, HEADER.size, last, nlast)
-        return self._other(chain, qi, rtype, sector, HEADER.size, last, nlast)
-
-    def _other(self, chain: Any, qi: int, rtype: int, sector: int, hdr: int,
-               last: memoryview, nlast: int) -> int:
-        """Everything but the fast-path IN/OUT."""
-        w = chain.writable
-        data_views = w[:-1]
-        if nlast:
-            data_views.append(last[:nlast])
-        wlen = chain.writable_len - 1
-
-        if rtype == T_IN:  # reached only with a split header
-            offset = sector << SECTOR_SHIFT
-            if wlen & (SECTOR_SIZE - 1) or offset + wlen > self.size:
-                self._bad(qi, f"IN sector {sector} length {wlen} outside the disk or not sector-sized")
-                last[nlast] = S_IOERR
-                return 1
-            try:
-                self._finish(os.preadv, data_views, offset, 0, wlen)
-            except OSError as exc:
-                if not self._direct_retry(exc, True, data_views, offset, wlen):
-                    last[nlast] = S_IOERR
-                    return 1
-            last[nlast] = S_OK
-            return wlen + 1
-
+    def _other(self, qi: int, req: BlockRequest) -> int:
+        """Everything but IN and OUT."""
+        rtype, _, data, length, status = req
         if rtype == T_FLUSH:
             if not self.read_only:
                 try:
                     os.fdatasync(self.fd)
                 except OSError:
-                    last[nlast] = S_IOERR
+                    status[0] = S_IOERR
                     return 1
-            last[nlast] = S_OK
+            status[0] = S_OK
             return 1
 
         if rtype == T_GET_ID:
             if self.disk_id is None:
-                last[nlast] = S_UNSUPP
+                status[0] = S_UNSUPP
                 return 1
             ident = self.disk_id.ljust(ID_BYTES, b"\0")
             pos = 0
-            for v in data_views:
+            for v in data:
                 n = min(len(v), ID_BYTES - pos)
                 if n <= 0:
                     break
                 v[:n] = ident[pos:pos + n]
                 pos += n
-            last[nlast] = S_OK
+            status[0] = S_OK
             return pos + 1
 
         if rtype == T_DISCARD or rtype == T_WRITE_ZEROES:
-            status = self._discard(chain, qi, rtype, hdr)
-            last[nlast] = status
+            status[0] = self._discard(qi, req)
+            return 1
+
+        if rtype == T_SHORT_HEADER:
+            self._bad(qi, f"request header of {length} bytes, expected {HEADER.size}")
+            status[0] = S_IOERR
             return 1
 
         self._bad(qi, f"unsupported request type {rtype}")
-        last[nlast] = S_UNSUPP
+        status[0] = S_UNSUPP
         return 1
 
-    def _discard(self, chain: Any, qi: int, rtype: int, hdr: int) -> int:
+    def _discard(self, qi: int, req: BlockRequest) -> int:
         """DISCARD -> punch a hole; WRITE_ZEROES -> zero range (or punch a
         hole when the driver allows unmapping).  Returns the status."""
+        rtype, _, data, dlen, _ = req
         name = "DISCARD" if rtype == T_DISCARD else "WRITE_ZEROES"
         if self.read_only:
             self._bad(qi, f"{name} on a read-only disk")
@@ -467,13 +453,12 @@ class BlockDevice(QueueTaskDevice):
         if not self.sparse:
             self._bad(qi, f"{name} not offered (sparse=false)")
             return S_UNSUPP
-        dlen = chain.readable_len - hdr
         max_seg = MAX_DISCARD_SEG if rtype == T_DISCARD else MAX_WRITE_ZEROES_SEG
         if dlen <= 0 or dlen % SEGMENT.size or dlen // SEGMENT.size > max_seg:
             self._bad(qi, f"{name} with {dlen} bytes of segments (16-byte segments, at most {max_seg})")
             return S_IOERR
-        data = b"".join(bytes(v) for v in _skip(chain.readable, hdr))
-        segments = [SEGMENT.unpack_from(data, i) for i in range(0, dlen, SEGMENT.size)]
+        raw = b"".join(bytes(v) for v in data)
+        segments = [SEGMENT.unpack_from(raw, i) for i in range(0, dlen, SEGMENT.size)]
         for sector, count, flags in segments:
             if flags & ~SEG_FLAG_UNMAP or (rtype == T_DISCARD and flags & SEG_FLAG_UNMAP):
                 self._bad(qi, f"{name} segment flags {flags:#x} not supported")
@@ -654,16 +639,8 @@ def _skip(views: list, count: int) -> list:
 # --------------------------------------------------------------------------
 # Builder
 
-#: crosvm --block keys that concern the VMM side, accepted and ignored here.
-_IGNORED = ("vhost", "root", "bootindex", "pci-address", "multiple-workers", "async-executor",
-            "dontcache")
-
-
 class BlockBuilder(DeviceBuilder):
     """Opens (and locks) the image in the parent; builds a BlockDevice in the child."""
-
-    device_type: ClassVar[str] = "block"
-    seccomp_policy: ClassVar[str] = "block.policy"
 
     def __init__(self, name: str, path: str, fd: int, size: int, *, read_only: bool, sparse: bool,
                  direct: bool, block_size: int, num_queues: int, disk_id: bytes | None,
@@ -682,54 +659,36 @@ class BlockBuilder(DeviceBuilder):
 
     @classmethod
     def from_options(cls, name: str, options: dict[str, str]) -> "BlockBuilder":
-        """Keys (crosvm ``--block``): path (required), ro, sparse (true),
-        direct/o_direct (false), lock (true), block-size (512), id (<= 20
-        bytes), num-queues (1, at most 16), poll-us (the bound of the adaptive
-        ring polling before sleeping, 0..1000 µs, default 200; 0 saves CPU on
-        hosts with many idle disks at the cost of queue-depth-1 latency)."""
-        o = Options(name, options, ignored=_IGNORED)
-        path = o.required("path")
-        read_only = o.flag("ro", False, "read-only", "read_only")
-        sparse = o.flag("sparse", True)
-        direct = o.flag("direct", False, "o_direct", "o-direct")
-        lock = o.flag("lock", True)
-        block_size = o.integer("block-size", SECTOR_SIZE, SECTOR_SIZE, 1 << 16, "block_size")
-        if block_size & (block_size - 1):
-            raise ConfigError(f"{name}: block-size={block_size} is not a power of two")
-        num_queues = o.integer("num-queues", 1, 1, MAX_QUEUES, "num_queues")
-        poll_us = o.integer("poll-us", POLL_MAX_NS // 1000, 0, 1000, "poll_us")
-        ident = o.text("id")
-        disk_id = None
-        if ident is not None:
-            disk_id = ident.encode()
-            if len(disk_id) > ID_BYTES:
-                raise ConfigError(f"{name}: id={ident!r} is {len(disk_id)} bytes, at most {ID_BYTES}")
-        if o.flag("packed-queue", False, "packed_queue"):
-            raise ConfigError(f"{name}: packed-queue=true is not supported over vhost-user")
-        o.check_unknown()
-
+        """Check the options (``OPTIONS``), open and lock the image."""
+        o = cls.declaration.parse(name, options)
+        path: str = o["path"]
+        read_only: bool = o["ro"]
+        direct: bool = o["direct"]
+        block_size: int = o["block-size"]
+        disk_id = None if o["id"] is None else o["id"].encode()
         try:
             fd = diskfile.open_image(path, read_only=read_only, direct=direct)
         except OSError as exc:
             if direct and exc.errno == errno.EINVAL:
-                raise ConfigError(f"{name}: direct=true: {path} does not support O_DIRECT") from None
-            raise ConfigError(f"{name}: path={path!r}: cannot open "
-                              f"{'read-only' if read_only else 'read-write'}: {exc.strerror}") from None
+                raise ConfigError(f"{path} does not support O_DIRECT", "direct", name, "true") from None
+            raise ConfigError(f"cannot open {'read-only' if read_only else 'read-write'}: {exc.strerror}",
+                              "path", name, path) from None
         try:
-            if lock:
+            if o["lock"]:
                 try:
                     diskfile.lock_image(fd, path, writable=not read_only)
                 except diskfile.LockError as exc:
-                    raise ConfigError(f"{name}: lock=true: {exc.strerror}") from None
+                    raise ConfigError(str(exc.strerror), "lock", name, "true") from None
             size = diskfile.file_size(fd)
             if size < block_size:
-                raise ConfigError(f"{name}: path={path!r} is {size} bytes, smaller than block-size={block_size}")
+                raise ConfigError(f"the image is {size} bytes, smaller than block-size={block_size}",
+                                  "path", name, path)
         except BaseException:
             os.close(fd)
             raise
-        return cls(name, path, fd, size, read_only=read_only, sparse=sparse, direct=direct,
-                   block_size=block_size, num_queues=num_queues, disk_id=disk_id,
-                   poll_max_ns=poll_us * 1000)
+        return cls(name, path, fd, size, read_only=read_only, sparse=o["sparse"], direct=direct,
+                   block_size=block_size, num_queues=o["num-queues"], disk_id=disk_id,
+                   poll_max_ns=o["poll-us"] * 1000)
 
     def keep_fds(self) -> list[int]:
         return [self.fd] if self.fd >= 0 else []
@@ -746,3 +705,56 @@ class BlockBuilder(DeviceBuilder):
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
             os.close(fd)
+
+
+# --------------------------------------------------------------------------
+# Declaration: the one place the rest of the project learns about "block"
+
+def _power_of_two(value: int) -> str | None:
+    return None if value & (value - 1) == 0 else "not a power of two"
+
+
+def _id_fits(value: str) -> str | None:
+    n = len(value.encode())
+    return None if n <= ID_BYTES else f"{n} bytes, at most {ID_BYTES}"
+
+
+def _no_packed(value: bool) -> str | None:
+    return "not supported over vhost-user (split rings only)" if value else None
+
+
+#: crosvm ``--block`` keys, with our ``lock``, ``num-queues`` and ``poll-us``.
+OPTIONS = (
+    Option("path", str, help="image file or block device", required=True,
+           flags=("--file", "--blk-file"), metavar="PATH"),
+    Option("ro", bool, False, "export read-only (VIRTIO_BLK_F_RO)", aliases=("read-only", "read_only"),
+           flags=("--read-only",)),
+    Option("sparse", bool, True, "offer DISCARD and WRITE_ZEROES"),
+    Option("direct", bool, False, "open with O_DIRECT", aliases=("o_direct", "o-direct")),
+    Option("lock", bool, True, "take the advisory image lock (shared when read-only)"),
+    Option("block-size", int, SECTOR_SIZE, "logical block size in bytes, a power of two",
+           aliases=("block_size",), lo=SECTOR_SIZE, hi=1 << 16, check=_power_of_two, metavar="BYTES"),
+    Option("num-queues", int, 1, f"request queues (1..{MAX_QUEUES})", aliases=("num_queues",),
+           lo=1, hi=MAX_QUEUES, metavar="N"),
+    Option("poll-us", int, POLL_MAX_NS // 1000,
+           "bound of the adaptive ring polling before sleeping, in µs (0..1000; 0 saves CPU on hosts "
+           "with many idle disks at the cost of queue-depth-1 latency)",
+           aliases=("poll_us",), lo=0, hi=1000, metavar="US"),
+    Option("id", str, help=f"GET_ID answer (a serial of at most {ID_BYTES} bytes)", check=_id_fits,
+           metavar="SERIAL"),
+    Option("packed-queue", bool, False, "crosvm's packed ring: refused", aliases=("packed_queue",),
+           check=_no_packed, cli=False),
+)
+
+DEVICE = DeviceType(
+    name="block",
+    builder=BlockBuilder,
+    summary="virtio-blk on a raw image file or block device",
+    options=OPTIONS,
+    seccomp_policy="block.policy",
+    capabilities=("read-only", "blk-file"),
+    child_modules=("devices.diskfile", "devices.virtio_blk", "concurrent.futures",
+                   "concurrent.futures.thread", "mmap"),
+    # crosvm --block keys that concern the VMM side, accepted and ignored.
+    ignored=("root", "bootindex", "multiple-workers", "async-executor", "dontcache"),
+)

@@ -23,13 +23,15 @@ import os
 import socket
 import stat
 import struct
-from typing import Any, ClassVar
+from typing import Any
 
 from connection.executor import Executor, wait_readable
 from connection.protocol import ProtocolFeature, VirtioFeature
 from connection.unixsock import bind_unix_listener, unlink_if_same
 
-from .base import ConfigError, DeviceBuilder, Options, QueueTaskDevice
+from .base import DeviceBuilder, QueueTaskDevice
+from .devtype import DeviceType
+from .options import ConfigError, Option
 
 log = logging.getLogger("devices.console")
 
@@ -299,28 +301,20 @@ class ConsoleDevice(QueueTaskDevice):
 # --------------------------------------------------------------------------
 # Builder
 
-_IGNORED = ("vhost", "hardware", "name", "num", "pci-address", "console", "earlycon",
-            "out-timestamp", "debugcon-port")
-_TYPES = ("file", "stdout", "sink", "unix", "unix-stream")
-
-
 def _bind_unix(name: str, path: str) -> socket.socket:
     """Bind a listening stream socket at ``path``, replacing a stale socket
     (never another kind of file)."""
     try:
         sock, _ = bind_unix_listener(path, mode=0o600, backlog=4)
     except FileExistsError:
-        raise ConfigError(f"{name}: path={path!r} exists and is not a socket") from None
+        raise ConfigError("exists and is not a socket", "path", name, path) from None
     except OSError as exc:
-        raise ConfigError(f"{name}: path={path!r}: cannot bind: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot bind: {exc.strerror or exc}", "path", name, path) from None
     return sock
 
 
 class ConsoleBuilder(DeviceBuilder):
     """Opens the output and input ends in the parent."""
-
-    device_type: ClassVar[str] = "console"
-    seccomp_policy: ClassVar[str] = "console.policy"
 
     def __init__(self, name: str, kind: str, *, out_fd: int = -1, in_fd: int = -1,
                  sock: socket.socket | None = None, sock_input: bool = False,
@@ -341,29 +335,28 @@ class ConsoleBuilder(DeviceBuilder):
 
     @classmethod
     def from_options(cls, name: str, options: dict[str, str]) -> "ConsoleBuilder":
-        """Keys: type (sink), path, input, stdin, input-unix-stream, cols, rows."""
-        o = Options(name, options, ignored=_IGNORED)
-        kind = (o.text("type", "sink") or "sink").lower()
-        if kind not in _TYPES:
-            raise ConfigError(f"{name}: type={kind!r} is not supported (one of {', '.join(_TYPES)})")
-        path = o.text("path")
-        input_path = o.text("input")
-        use_stdin = o.flag("stdin", False)
-        unix_input = o.flag("input-unix-stream", False, "input_unix_stream")
-        cols = o.integer("cols", 0, 0, 0xFFFF)
-        rows = o.integer("rows", 0, 0, 0xFFFF)
-        o.check_unknown()
+        """Check the options (``OPTIONS``) and how they combine; open, bind or
+        connect both ends."""
+        o = cls.declaration.parse(name, options)
+        kind: str = o["type"]
+        path: str | None = o["path"]
+        input_path: str | None = o["input"]
+        use_stdin: bool = o["stdin"]
+        unix_input: bool = o["input-unix-stream"]
+        cols: int = o["cols"]
+        rows: int = o["rows"]
         if kind in ("file", "unix", "unix-stream") and not path:
-            raise ConfigError(f"{name}: type={kind} needs path=")
+            raise ConfigError(f"type={kind} needs path=", "path", name)
         if kind in ("stdout", "sink") and path:
-            raise ConfigError(f"{name}: path={path!r} given with type={kind}, which takes no path")
+            raise ConfigError(f"given with type={kind}, which takes no path", "path", name, path)
         if input_path and use_stdin:
-            raise ConfigError(f"{name}: input={input_path!r} and stdin=true are mutually exclusive")
+            raise ConfigError(f"input={input_path!r} and stdin=true are mutually exclusive", "stdin", name,
+                              "true")
         if unix_input and kind != "unix-stream":
-            raise ConfigError(f"{name}: input-unix-stream=true needs type=unix-stream, not type={kind}")
+            raise ConfigError(f"needs type=unix-stream, not type={kind}", "input-unix-stream", name, "true")
         if kind == "unix" and (input_path or use_stdin):
-            raise ConfigError(f"{name}: type=unix already reads input from its socket; "
-                              f"drop input=/stdin=")
+            raise ConfigError("type=unix already reads input from its socket; drop input=/stdin=",
+                              "input" if input_path else "stdin", name, input_path or "true")
 
         opened: list[int] = []
         sock: socket.socket | None = None
@@ -376,7 +369,7 @@ class ConsoleBuilder(DeviceBuilder):
                 try:
                     out_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
                 except OSError as exc:
-                    raise ConfigError(f"{name}: path={path!r}: cannot open for output: {exc.strerror}") from None
+                    raise ConfigError(f"cannot open for output: {exc.strerror}", "path", name, path) from None
                 opened.append(out_fd)
             elif kind == "stdout":
                 out_fd = os.dup(1)
@@ -391,7 +384,7 @@ class ConsoleBuilder(DeviceBuilder):
                 try:
                     sock.connect(path)
                 except OSError as exc:
-                    raise ConfigError(f"{name}: path={path!r}: cannot connect: {exc.strerror or exc}") from None
+                    raise ConfigError(f"cannot connect: {exc.strerror or exc}", "path", name, path) from None
             if input_path:
                 in_fd = _open_input(name, input_path)
                 opened.append(in_fd)
@@ -471,5 +464,34 @@ def _open_input(name: str, path: str) -> int:
         return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno == errno.ENOENT:
-            raise ConfigError(f"{name}: input={path!r} does not exist") from None
-        raise ConfigError(f"{name}: input={path!r}: cannot open: {exc.strerror or exc}") from None
+            raise ConfigError("does not exist", "input", name, path) from None
+        raise ConfigError(f"cannot open: {exc.strerror or exc}", "input", name, path) from None
+
+
+# --------------------------------------------------------------------------
+# Declaration: the one place the rest of the project learns about "console"
+
+#: crosvm ``--serial`` keys, plus ``cols``/``rows`` for the config space.
+OPTIONS = (
+    Option("type", str, "sink", "where guest output goes",
+           choices=("file", "stdout", "sink", "unix", "unix-stream")),
+    Option("path", str, help="output file, or the Unix socket for type=unix/unix-stream", metavar="PATH"),
+    Option("input", str, help="guest input from a file, FIFO or socket", metavar="PATH"),
+    Option("stdin", bool, False, "guest input from stdin"),
+    Option("input-unix-stream", bool, False, "with type=unix-stream: read input from the socket too",
+           aliases=("input_unix_stream",)),
+    Option("cols", int, 0, "config space columns (0 = not offered)", lo=0, hi=0xFFFF, metavar="N"),
+    Option("rows", int, 0, "config space rows (0 = not offered)", lo=0, hi=0xFFFF, metavar="N"),
+)
+
+DEVICE = DeviceType(
+    name="console",
+    builder=ConsoleBuilder,
+    summary="virtio-console, one port",
+    options=OPTIONS,
+    seccomp_policy="console.policy",
+    flag="serial",
+    child_modules=("socket",),
+    # crosvm --serial keys that concern the VMM side, accepted and ignored.
+    ignored=("hardware", "name", "num", "console", "earlycon", "out-timestamp", "debugcon-port"),
+)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, ClassVar
+from typing import Any
 
 from connection.executor import Executor
 from connection.protocol import VirtioFeature
 
-from .base import DeviceBuilder, Options, QueueTaskDevice
+from .base import DeviceBuilder, QueueTaskDevice
+from .devtype import DeviceType
 
 log = logging.getLogger("devices.rng")
 
@@ -62,17 +63,22 @@ class RngDevice(QueueTaskDevice):
 class RngBuilder(DeviceBuilder):
     """Nothing to open: getrandom is a system call."""
 
-    device_type: ClassVar[str] = "rng"
-    seccomp_policy: ClassVar[str] = "rng.policy"
-
     def __init__(self, name: str) -> None:
         self.name = name
 
     @classmethod
     def from_options(cls, name: str, options: dict[str, str]) -> "RngBuilder":
-        o = Options(name, options, ignored=("vhost", "pci-address"))
-        o.check_unknown()
+        cls.declaration.parse(name, options)   # no options: refuses unknown keys
         return cls(name)
 
     def build(self, ex: Executor) -> RngDevice:
         return RngDevice(ex, self.name)
+
+
+DEVICE = DeviceType(
+    name="rng",
+    builder=RngBuilder,
+    summary="virtio-rng from getrandom(2)",
+    options=(),
+    seccomp_policy="rng.policy",
+)

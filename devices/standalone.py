@@ -1,11 +1,12 @@
-"""``vhost-supervisor device block|console|rng``: one device, no supervisor.
+"""``vhost-supervisor device TYPE``: one device, no supervisor.
 
 Follows the vhost-user spec's back-end program conventions: ``--socket-path``
 or ``--fd`` (exclusive), ``--print-capabilities`` prints the JSON
 capabilities and exits 0, no daemonizing, exit 0 when the front-end
 disconnects, non-zero when initialisation fails, quick clean exit on
 SIGTERM.  The device is built through the same ``Builder.from_options`` the
-supervisor uses, so the flags are only a different spelling of the options.
+supervisor uses, and the flags are made from the type's declared options
+(``add_option_flags``), so they are only a different spelling of its keys.
 
 Also runnable as ``python -m devices.standalone block ...``.
 """
@@ -20,36 +21,61 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
 from connection.connection import VhostUserConnection, VhostUserListener, VhostUserStream
 from connection.executor import Executor
 
-from . import BUILDERS
-from .base import ConfigError
+from . import DEVICE_TYPES
+from .devtype import DeviceType
+from .options import ConfigError, Option
 
 log = logging.getLogger("devices.standalone")
 
-#: --print-capabilities "features" (vhost-user.json names where the spec has them).
-CAPABILITIES = {
-    "block": ["read-only", "blk-file"],
-    "console": [],
-    "rng": [],
-}
+
+def _flags(opt: Option) -> tuple[str, ...]:
+    return opt.flags or (f"--{opt.name}",)
 
 
-def _bool_arg(value: str) -> str:
-    v = value.strip().lower()
-    if v not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
-        raise argparse.ArgumentTypeError(f"{value!r} is not a boolean")
-    return v
+def _checked(opt: Option) -> Callable[[str], str]:
+    """Validate a flag's value with the option's own parser (a bad one is
+    a usage error, exit 2) and hand it on as the string the builder takes."""
+    def check(value: str) -> str:
+        try:
+            opt.parse(value, key=_flags(opt)[0])
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(f"{value!r}: {exc.message}") from None
+        return value
+    check.__name__ = opt.type.__name__
+    return check
+
+
+def add_option_flags(sp: argparse.ArgumentParser, dtype: DeviceType) -> None:
+    """One flag per declared option (its ``flags``, default ``--NAME``); a
+    boolean takes an optional value (``--sparse``, ``--sparse=false``) and
+    has a ``--no-`` form.  Unset flags are left out, so the declaration's
+    default applies exactly as for the supervisor."""
+    for opt in dtype.options:
+        if not opt.cli:
+            continue
+        flags = _flags(opt)
+        if opt.type is bool:
+            sp.add_argument(*flags, dest=opt.name, type=_checked(opt), nargs="?", const="true",
+                            default=None, metavar="BOOL", help=opt.describe())
+            sp.add_argument(f"--no-{flags[0][2:]}", dest=opt.name, action="store_const", const="false",
+                            help=f"same as {flags[0]}=false")
+        else:
+            sp.add_argument(*flags, dest=opt.name, type=_checked(opt), default=None,
+                            metavar=opt.metavar or opt.name.upper(),
+                            help=opt.describe())
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vhost-supervisor device",
                                 description="Run one vhost-user device back-end without the supervisor.")
-    sub = p.add_subparsers(dest="kind", required=True, metavar="{block,console,rng}")
-
-    def common(sp: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="kind", required=True, metavar="{" + ",".join(DEVICE_TYPES) + "}")
+    for dtype in DEVICE_TYPES.values():
+        sp = sub.add_parser(dtype.name, help=dtype.summary)
         where = sp.add_mutually_exclusive_group()
         where.add_argument("--socket-path", metavar="PATH", help="listen on this Unix socket path")
         where.add_argument("--fd", type=int, metavar="N",
@@ -58,69 +84,16 @@ def _parser() -> argparse.ArgumentParser:
                         help="print the back-end's capabilities as JSON and exit")
         sp.add_argument("--name", help="device name in log lines (default: the device type)")
         sp.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-
-    b = sub.add_parser("block", help="virtio-blk on a raw image file or block device")
-    common(b)
-    b.add_argument("--file", "--blk-file", dest="file", metavar="PATH", help="image file or block device")
-    b.add_argument("--read-only", action="store_true", help="export read-only (VIRTIO_BLK_F_RO)")
-    b.add_argument("--num-queues", type=int, default=1, metavar="N", help="request queues (1..16)")
-    b.add_argument("--poll-us", type=int, default=None, metavar="US",
-                   help="bound of the adaptive ring polling before sleeping (0..1000, default 200)")
-    b.add_argument("--direct", action="store_true", help="open with O_DIRECT")
-    b.add_argument("--sparse", type=_bool_arg, nargs="?", const="true", default="true", metavar="BOOL",
-                   help="offer DISCARD and WRITE_ZEROES (default true)")
-    b.add_argument("--no-sparse", dest="sparse", action="store_const", const="false")
-    b.add_argument("--id", metavar="SERIAL", help="GET_ID answer (at most 20 bytes)")
-    b.add_argument("--block-size", type=int, default=512, metavar="BYTES", help="logical block size")
-    b.add_argument("--no-lock", action="store_true", help="do not take the advisory image lock")
-
-    c = sub.add_parser("console", help="virtio-console, one port")
-    common(c)
-    c.add_argument("--type", default="sink", choices=("file", "stdout", "sink", "unix", "unix-stream"),
-                   help="where guest output goes (default sink)")
-    c.add_argument("--path", help="output file, or the Unix socket for type=unix/unix-stream")
-    c.add_argument("--input", metavar="PATH", help="guest input from a file, FIFO or socket")
-    c.add_argument("--stdin", action="store_true", help="guest input from stdin")
-    c.add_argument("--input-unix-stream", action="store_true", help="with type=unix-stream: read input too")
-    c.add_argument("--cols", type=int, help="config space columns")
-    c.add_argument("--rows", type=int, help="config space rows")
-
-    r = sub.add_parser("rng", help="virtio-rng from getrandom(2)")
-    common(r)
+        add_option_flags(sp, dtype)
     return p
 
 
 def options_from_args(args: argparse.Namespace) -> dict[str, str]:
-    """The flags as the option dict ``Builder.from_options`` takes."""
-    opts: dict[str, str] = {}
-    if args.kind == "block":
-        if args.file:
-            opts["path"] = args.file
-        opts["ro"] = str(args.read_only).lower()
-        opts["num-queues"] = str(args.num_queues)
-        if args.poll_us is not None:
-            opts["poll-us"] = str(args.poll_us)
-        opts["direct"] = str(args.direct).lower()
-        opts["sparse"] = args.sparse
-        opts["lock"] = str(not args.no_lock).lower()
-        opts["block-size"] = str(args.block_size)
-        if args.id is not None:
-            opts["id"] = args.id
-    elif args.kind == "console":
-        opts["type"] = args.type
-        if args.path:
-            opts["path"] = args.path
-        if args.input:
-            opts["input"] = args.input
-        if args.stdin:
-            opts["stdin"] = "true"
-        if args.input_unix_stream:
-            opts["input-unix-stream"] = "true"
-        if args.cols is not None:
-            opts["cols"] = str(args.cols)
-        if args.rows is not None:
-            opts["rows"] = str(args.rows)
-    return opts
+    """The flags as the option dict ``Builder.from_options`` takes: the
+    options given, under their declared names."""
+    dtype = DEVICE_TYPES[args.kind]
+    return {opt.name: getattr(args, opt.name) for opt in dtype.options
+            if opt.cli and getattr(args, opt.name) is not None}
 
 
 def _connection(args: argparse.Namespace) -> VhostUserConnection:
@@ -163,16 +136,19 @@ def _install_signals(ex: Executor) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the device named by ``argv[0]``; returns the exit status."""
     args = _parser().parse_args(argv)
+    dtype = DEVICE_TYPES[args.kind]
     if args.print_capabilities:
-        print(json.dumps({"type": args.kind, "features": CAPABILITIES[args.kind]}))
+        print(json.dumps(dtype.capabilities_json()))
         return 0
     if not args.socket_path and args.fd is None:
         print(f"vhost-supervisor device {args.kind}: one of --socket-path or --fd is required",
               file=sys.stderr)
         return 2
-    if args.kind == "block" and not args.file:
-        print("vhost-supervisor device block: --file PATH is required", file=sys.stderr)
-        return 2
+    for opt in dtype.options:
+        if opt.required and opt.cli and not getattr(args, opt.name):
+            print(f"vhost-supervisor device {args.kind}: {_flags(opt)[0]} {opt.metavar or 'VALUE'} is required",
+                  file=sys.stderr)
+            return 2
     name = args.name or args.kind
     if not logging.getLogger().handlers:
         logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
@@ -181,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     ex = Executor()
     _install_signals(ex)
     try:
-        builder = BUILDERS[args.kind].from_options(name, options_from_args(args))
+        builder = dtype.builder.from_options(name, options_from_args(args))
     except ConfigError as exc:
         print(f"vhost-supervisor device {args.kind}: {exc}", file=sys.stderr)
         ex.close()

@@ -21,23 +21,12 @@ import struct
 import time
 from collections.abc import Sequence
 
+from devices.virtio_blk import (HEADER, ID_BYTES, S_OK, SECTOR_SIZE, SEGMENT, STATUS_NAMES,
+                                T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES)
+
 from .vhost_user import DESC, DESC_F_NEXT, DESC_F_WRITE, DriverQueue
 
 
-VIRTIO_BLK_T_IN = 0
-VIRTIO_BLK_T_OUT = 1
-VIRTIO_BLK_T_FLUSH = 4
-VIRTIO_BLK_T_GET_ID = 8
-VIRTIO_BLK_T_DISCARD = 11
-VIRTIO_BLK_T_WRITE_ZEROES = 13
-VIRTIO_BLK_S_OK = 0
-VIRTIO_BLK_S_IOERR = 1
-VIRTIO_BLK_S_UNSUPP = 2
-BLK_HDR = struct.Struct("<IIQ")          # type, ioprio, sector
-BLK_SEGMENT = struct.Struct("<QII")      # sector, num_sectors, flags
-BLK_CONFIG_HEAD = struct.Struct("<QIIHBBI")   # capacity, size_max, seg_max, cyl, heads, sectors, blk_size
-SECTOR = 512
-VIRTIO_BLK_ID_BYTES = 20
 
 
 class BlockError(Exception):
@@ -45,7 +34,7 @@ class BlockError(Exception):
 
     def __init__(self, op: str, status: int, detail: str = "") -> None:
         super().__init__(f"virtio-blk {op}: status {status} "
-                         f"({ {0: 'OK', 1: 'IOERR', 2: 'UNSUPP'}.get(status, 'unknown') }){detail}")
+                         f"({STATUS_NAMES.get(status, 'unknown')}){detail}")
         self.status = status
 
 
@@ -98,11 +87,11 @@ class BlockDriver:
         self._by_head: dict[int, _Slot] = {}
         for _ in range(depth):
             s = _Slot()
-            s.hdr_gpa, s.hdr = queue.alloc(BLK_HDR.size, 16)
+            s.hdr_gpa, s.hdr = queue.alloc(HEADER.size, 16)
             s.data_gpa, s.data = queue.alloc(max_io, 4096)
             s.status_gpa, s.status = queue.alloc(1, 1)
             s.hdr_q = s.hdr.cast("Q")     # [0] type | ioprio << 32, [1] sector
-            s.head = queue.prepare([(s.hdr_gpa, BLK_HDR.size), (s.data_gpa, max_io)],
+            s.head = queue.prepare([(s.hdr_gpa, HEADER.size), (s.data_gpa, max_io)],
                                    [(s.status_gpa, 1)], indirect=indirect)
             s.d_table, s.d_off, s.d_next, _last = queue.desc_slot(s.head, 1)
             s.d_key = (s.data_gpa, max_io, DESC_F_NEXT)
@@ -141,22 +130,22 @@ class BlockDriver:
     def submit_read(self, s: _Slot, sector: int, nbytes: int) -> None:
         """Start a read of ``nbytes`` at ``sector`` into ``s.data`` (kick later)."""
         s.op = "read"
-        self._start(s, VIRTIO_BLK_T_IN, sector, s.data_gpa, nbytes, True)
+        self._start(s, T_IN, sector, s.data_gpa, nbytes, True)
 
     def submit_write(self, s: _Slot, sector: int, nbytes: int) -> None:
         """Start a write of ``s.data[:nbytes]`` at ``sector`` (kick later)."""
         s.op = "write"
-        self._start(s, VIRTIO_BLK_T_OUT, sector, s.data_gpa, nbytes, False)
+        self._start(s, T_OUT, sector, s.data_gpa, nbytes, False)
 
     def submit_segment(self, s: _Slot, op: int, sector: int, num_sectors: int, flags: int = 0) -> None:
         """DISCARD / WRITE_ZEROES with one 16-byte segment in the slot's data buffer."""
-        BLK_SEGMENT.pack_into(s.data, 0, sector, num_sectors, flags)
-        s.op = {VIRTIO_BLK_T_DISCARD: "discard", VIRTIO_BLK_T_WRITE_ZEROES: "write-zeroes"}.get(op, str(op))
-        self._start(s, op, 0, s.data_gpa, BLK_SEGMENT.size, False)
+        SEGMENT.pack_into(s.data, 0, sector, num_sectors, flags)
+        s.op = {T_DISCARD: "discard", T_WRITE_ZEROES: "write-zeroes"}.get(op, str(op))
+        self._start(s, op, 0, s.data_gpa, SEGMENT.size, False)
 
     def submit_get_id(self, s: _Slot) -> None:
         s.op = "get-id"
-        self._start(s, VIRTIO_BLK_T_GET_ID, 0, s.data_gpa, VIRTIO_BLK_ID_BYTES, True)
+        self._start(s, T_GET_ID, 0, s.data_gpa, ID_BYTES, True)
 
     def complete(self, timeout: float | None = None, check: bool = True) -> list[_Slot]:
         """Wait for completions; returns the finished slots (free again).
@@ -175,7 +164,7 @@ class BlockDriver:
             out.append(s)
             if check and error is None:
                 status = s.status[0]
-                if status != VIRTIO_BLK_S_OK:
+                if status != S_OK:
                     error = BlockError(s.op, status, f" (used len {length})")
                 elif s.op == "read" and length != s.nbytes + 1:
                     error = BlockError(s.op, status, f": used len {length}, expected {s.nbytes + 1}")
@@ -198,7 +187,7 @@ class BlockDriver:
 
     def read(self, offset: int, length: int) -> bytes:
         self._check(offset, length)
-        s = self._one(None, self.submit_read, offset // SECTOR, length)
+        s = self._one(None, self.submit_read, offset // SECTOR_SIZE, length)
         return bytes(s.data[:length])
 
     def write(self, offset: int, data: bytes) -> None:
@@ -207,7 +196,7 @@ class BlockDriver:
         if s is None:
             raise BufferError("all slots busy; complete() first")
         s.data[:len(data)] = data
-        self._one(s, self.submit_write, offset // SECTOR, len(data))
+        self._one(s, self.submit_write, offset // SECTOR_SIZE, len(data))
 
     def flush(self) -> None:
         """A FLUSH (header + status, no data: the general ``submit`` path);
@@ -217,9 +206,9 @@ class BlockDriver:
             raise BufferError("all slots busy; complete() first")
         s.busy = True   # its header and status buffers carry the flush
         try:
-            BLK_HDR.pack_into(s.hdr, 0, VIRTIO_BLK_T_FLUSH, 0, 0)
+            HEADER.pack_into(s.hdr, 0, T_FLUSH, 0, 0)
             s.status[0] = 0xFF
-            head = self.queue.submit([(s.hdr_gpa, BLK_HDR.size)], [(s.status_gpa, 1)])
+            head = self.queue.submit([(s.hdr_gpa, HEADER.size)], [(s.status_gpa, 1)])
             self.queue.kick()
             deadline = time.monotonic() + self.timeout
             while head not in self._other_done:
@@ -227,23 +216,23 @@ class BlockDriver:
             del self._other_done[head]
         finally:
             s.busy = False
-        if s.status[0] != VIRTIO_BLK_S_OK:
+        if s.status[0] != S_OK:
             raise BlockError("flush", s.status[0])
 
     def discard(self, offset: int, length: int, unmap: bool = False) -> None:
         self._check(offset, length)
-        self._one(None, self.submit_segment, VIRTIO_BLK_T_DISCARD, offset // SECTOR, length // SECTOR, int(unmap))
+        self._one(None, self.submit_segment, T_DISCARD, offset // SECTOR_SIZE, length // SECTOR_SIZE, int(unmap))
 
     def write_zeroes(self, offset: int, length: int, unmap: bool = False) -> None:
         self._check(offset, length)
-        self._one(None, self.submit_segment, VIRTIO_BLK_T_WRITE_ZEROES, offset // SECTOR, length // SECTOR, int(unmap))
+        self._one(None, self.submit_segment, T_WRITE_ZEROES, offset // SECTOR_SIZE, length // SECTOR_SIZE, int(unmap))
 
     def get_id(self) -> bytes:
         s = self._one(None, self.submit_get_id)
-        return bytes(s.data[:VIRTIO_BLK_ID_BYTES]).rstrip(b"\0")
+        return bytes(s.data[:ID_BYTES]).rstrip(b"\0")
 
     def _check(self, offset: int, length: int) -> None:
-        if offset % SECTOR or length % SECTOR or length <= 0 or length > self.max_io:
+        if offset % SECTOR_SIZE or length % SECTOR_SIZE or length <= 0 or length > self.max_io:
             raise ValueError(f"offset {offset} / length {length}: not sector multiples in (0, {self.max_io}]")
 
     # ---- batches at queue depth
@@ -262,12 +251,12 @@ class BlockDriver:
                 if op == "read":
                     assert isinstance(arg, int)
                     self._check(offset, arg)
-                    self.submit_read(s, offset // SECTOR, arg)
+                    self.submit_read(s, offset // SECTOR_SIZE, arg)
                 elif op == "write":
                     assert isinstance(arg, (bytes, bytearray, memoryview))
                     self._check(offset, len(arg))
                     s.data[:len(arg)] = arg
-                    self.submit_write(s, offset // SECTOR, len(arg))
+                    self.submit_write(s, offset // SECTOR_SIZE, len(arg))
                 else:
                     raise ValueError(f"op {op!r}: expected 'read' or 'write'")
                 pending[s.head] = nxt

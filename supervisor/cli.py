@@ -33,6 +33,24 @@ def _add_control(p: argparse.ArgumentParser) -> None:
                    help=f"control socket (default {default_control_socket()})")
 
 
+def _add_device_flags(run: argparse.ArgumentParser) -> None:
+    """One repeatable flag per registered device type (its declared ``flag``:
+    crosvm's ``--block``, ``--serial``, ``--rng``), with its keys listed."""
+    import devices
+    for t in devices.DEVICE_TYPES.values():
+        required = "".join(f",{o.name}={o.metavar or o.name.upper()}" for o in t.options if o.required)
+        keys = ", ".join(f"{o.name}=" for o in t.options if o.cli and not o.required)
+        run.add_argument(f"--{t.flag}", dest=t.flag, action=_DeviceFlag,
+                         metavar=f"vhost=PATH{required}[,...]",
+                         help=f"{t.name}: {t.summary}" + (f" ({keys} ...)" if keys else "")
+                         + "; repeatable")
+
+
+def _device_flag_names() -> str:
+    import devices
+    return ", ".join(f"--{t.flag}" for t in devices.DEVICE_TYPES.values())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vhost-supervisor",
                                      description="A sandboxed supervisor for vhost-user device back-ends.")
@@ -42,11 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="start the devices and supervise them",
                          description="Start one jailed child per device (crosvm's device syntax), restart "
                                      "them per policy, serve the control socket; stop on SIGTERM/SIGINT.")
-    run.add_argument("--block", dest="block", action=_DeviceFlag, metavar="vhost=PATH,path=IMG[,...]",
-                     help="a block device (ro=, sparse=, direct=, id=, num-queues=, ...); repeatable")
-    run.add_argument("--serial", dest="serial", action=_DeviceFlag, metavar="vhost=PATH,type=TYPE[,...]",
-                     help="a console device (type=file|stdout|sink|unix, path=, input=); repeatable")
-    run.add_argument("--rng", dest="rng", action=_DeviceFlag, metavar="vhost=PATH", help="an rng device; repeatable")
+    _add_device_flags(run)
     run.add_argument("--jail", action="append", default=[],
                      metavar="pivot-root=DIR,seccomp-policy-dir=DIR,seccomp-log-failures=BOOL")
     run.add_argument("--disable-sandbox", action="store_true", default=None,
@@ -95,7 +109,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                            control_socket=args.control_socket, log_format=args.log_format,
                            grace_period=args.grace_period)
         if not cfg.devices:
-            raise ConfigError("no devices configured (give --block, --serial, --rng or --config)")
+            raise ConfigError(f"no devices configured (give {_device_flag_names()} or --config)")
         logs.setup_logging(cfg.log_format)
         builders = open_builders(cfg)
     except ConfigError as e:

@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-#: Device types and the CLI flag that declares each (crosvm's names).
-FLAG_TYPES = {"block": "block", "serial": "console", "rng": "rng"}
-TYPE_ALIASES = {"block": "block", "console": "console", "serial": "console", "rng": "rng"}
+import devices
+# The project's one configuration error and boolean parser (devices/options.py).
+from devices import ConfigError, parse_bool
+
 RESTART_POLICIES = ("always", "on-failure", "never")
 #: Keys the supervisor consumes; every other key is the device's (checked by its builder).
 SUPERVISOR_DEVICE_KEYS = ("vhost", "name", "restart", "jail-user")
@@ -30,20 +31,6 @@ SUPERVISOR_KEYS = ("control-socket", "disable-sandbox", "log-format", "grace-per
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SUN_PATH_MAX = 107
 DEFAULT_GRACE = 5.0
-
-
-class ConfigError(ValueError):
-    """A configuration error; the message names the key (and device) at fault."""
-
-    def __init__(self, message: str, key: str | None = None, device: str | None = None) -> None:
-        self.key = key
-        self.device = device
-        where = []
-        if device:
-            where.append(f"device {device!r}")
-        if key:
-            where.append(f"key {key!r}")
-        super().__init__((", ".join(where) + ": " if where else "") + message)
 
 
 @dataclass
@@ -60,7 +47,7 @@ class DeviceSpec:
     """One device as configured: what the supervisor needs to (re)start it."""
 
     name: str
-    type: str                      # "block" | "console" | "rng"
+    type: str                      # a name in devices.DEVICE_TYPES
     socket: str                    # absolute path of the vhost-user socket
     options: dict[str, str]        # device keys, handed to Builder.from_options
     restart: str = "always"
@@ -89,17 +76,6 @@ def default_control_socket() -> str:
         return "/run/vhost-supervisor/control.sock"
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/vhost-supervisor-{os.getuid()}"
     return os.path.join(runtime, "vhost-supervisor", "control.sock")
-
-
-def parse_bool(key: str, value: Any, device: str | None = None) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "1", "yes", "on"):
-        return True
-    if text in ("false", "0", "no", "off"):
-        return False
-    raise ConfigError(f"{value!r} is not a boolean (true/false)", key, device)
 
 
 def parse_keyvalues(text: str, flag: str) -> dict[str, str]:
@@ -133,9 +109,9 @@ def parse_jail_user(value: Any, device: str | None = None) -> tuple[int, int]:
         if group:
             gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
     except KeyError:
-        raise ConfigError(f"{text!r}: no such user or group", "jail-user", device) from None
+        raise ConfigError("no such user or group", "jail-user", device, text) from None
     if uid == 0 or gid == 0:
-        raise ConfigError(f"{text!r}: a device child must not run as root", "jail-user", device)
+        raise ConfigError("a device child must not run as root", "jail-user", device, text)
     return uid, gid
 
 
@@ -144,7 +120,7 @@ def _stringify(key: str, value: Any, device: str | None) -> str:
         return "true" if value else "false"
     if isinstance(value, (int, float, str)):
         return str(value)
-    raise ConfigError(f"{value!r} must be a string, number or boolean", key, device)
+    raise ConfigError("must be a string, number or boolean", key, device, value)
 
 
 def _check_socket_path(path: str, key: str, device: str | None) -> str:
@@ -152,27 +128,27 @@ def _check_socket_path(path: str, key: str, device: str | None) -> str:
         raise ConfigError("is required (the vhost-user socket path)", key, device)
     path = os.path.abspath(path)
     if len(os.fsencode(path)) > SUN_PATH_MAX:
-        raise ConfigError(f"{path!r} is longer than {SUN_PATH_MAX} bytes (sun_path)", key, device)
+        raise ConfigError(f"longer than {SUN_PATH_MAX} bytes (sun_path)", key, device, path)
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
-        raise ConfigError(f"{path!r}: directory {parent!r} does not exist", key, device)
+        raise ConfigError(f"directory {parent!r} does not exist", key, device, path)
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         pass
     else:
         if not stat.S_ISSOCK(st.st_mode):
-            raise ConfigError(f"{path!r} exists and is not a socket (refusing to replace it)", key, device)
+            raise ConfigError("exists and is not a socket (refusing to replace it)", key, device, path)
     return path
 
 
 def _device_from_options(dtype: str, opts: dict[str, Any], origin: str, index: int) -> DeviceSpec:
     name = str(opts.pop("name", "") or f"{dtype}-{index}")
     if not NAME_RE.match(name):
-        raise ConfigError(f"{name!r} is not a valid name ([A-Za-z0-9_.-], at most 64)", "name", origin)
+        raise ConfigError("not a valid name ([A-Za-z0-9_.-], at most 64)", "name", origin, name)
     restart = str(opts.pop("restart", "always"))
     if restart not in RESTART_POLICIES:
-        raise ConfigError(f"{restart!r} is not one of {', '.join(RESTART_POLICIES)}", "restart", name)
+        raise ConfigError(f"not one of {', '.join(RESTART_POLICIES)}", "restart", name, restart)
     jail_user = parse_jail_user(opts.pop("jail-user"), name) if "jail-user" in opts else (65534, 65534)
     if "vhost" not in opts:
         raise ConfigError("is required (the vhost-user socket path)", "vhost", name)
@@ -190,22 +166,22 @@ def _apply_supervisor_keys(cfg: SupervisorConfig, table: dict[str, Any], where: 
                 _apply_jail_key(cfg.jail, k, v)
             continue
         if key not in SUPERVISOR_KEYS:
-            raise ConfigError(f"unknown key in {where} (known: {', '.join(SUPERVISOR_KEYS)})", key)
+            raise ConfigError(f"unknown key in {where} (known: {', '.join(SUPERVISOR_KEYS)})", key, value=value)
         if key == "control-socket":
             cfg.control_socket = str(value)
         elif key == "disable-sandbox":
-            cfg.disable_sandbox = parse_bool(key, value)
+            cfg.disable_sandbox = parse_bool(value, key)
         elif key == "log-format":
             if value not in ("text", "json"):
-                raise ConfigError(f"{value!r} is not one of text, json", key)
+                raise ConfigError("not one of text, json", key, value=value)
             cfg.log_format = str(value)
         elif key == "grace-period":
             try:
                 cfg.grace_period = float(value)
             except (TypeError, ValueError):
-                raise ConfigError(f"{value!r} is not a number of seconds", key) from None
+                raise ConfigError("not a number of seconds", key, value=value) from None
             if not 0 <= cfg.grace_period <= 3600:
-                raise ConfigError(f"{value!r} is out of range 0..3600", key)
+                raise ConfigError("out of range 0..3600", key, value=value)
         else:
             _apply_jail_key(cfg.jail, key, value)
 
@@ -214,17 +190,17 @@ def _apply_jail_key(jail: JailOptions, key: str, value: Any) -> None:
     if key == "pivot-root":
         path = str(value)
         if not os.path.isdir(path):
-            raise ConfigError(f"{path!r} is not a directory", key)
+            raise ConfigError("not a directory", key, value=path)
         jail.pivot_root = os.path.abspath(path)
     elif key == "seccomp-policy-dir":
         path = str(value)
         if not os.path.isdir(path):
-            raise ConfigError(f"{path!r} is not a directory", key)
+            raise ConfigError("not a directory", key, value=path)
         jail.seccomp_policy_dir = os.path.abspath(path)
     elif key == "seccomp-log-failures":
-        jail.seccomp_log_failures = parse_bool(key, value)
+        jail.seccomp_log_failures = parse_bool(value, key)
     else:
-        raise ConfigError(f"unknown --jail key (known: {', '.join(JAIL_KEYS)})", key)
+        raise ConfigError(f"unknown --jail key (known: {', '.join(JAIL_KEYS)})", key, value=value)
 
 
 def load_toml(path: str, cfg: SupervisorConfig | None = None) -> SupervisorConfig:
@@ -249,21 +225,23 @@ def load_toml(path: str, cfg: SupervisorConfig | None = None) -> SupervisorConfi
         raise ConfigError("must be a table", "jail")
     for key, value in jail.items():
         _apply_jail_key(cfg.jail, key, value)
-    devices = data.get("device", [])
-    if not isinstance(devices, list):
+    entries = data.get("device", [])
+    if not isinstance(entries, list):
         raise ConfigError("must be an array of tables ([[device]])", "device")
     counters: dict[str, int] = {}
-    for i, entry in enumerate(devices, 1):
+    for i, entry in enumerate(entries, 1):
         origin = f"{os.path.basename(path)} device #{i}"
         if not isinstance(entry, dict):
             raise ConfigError("must be a table", "device", origin)
         opts = dict(entry)
         dtype_raw = opts.pop("type", None)
+        known = ", ".join(devices.type_names())
         if dtype_raw is None:
-            raise ConfigError("is required (block, console or rng)", "type", str(opts.get("name") or origin))
-        dtype = TYPE_ALIASES.get(str(dtype_raw))
-        if dtype is None:
-            raise ConfigError(f"{dtype_raw!r} is not one of block, console, rng", "type", str(opts.get("name") or origin))
+            raise ConfigError(f"is required (one of {known})", "type", str(opts.get("name") or origin))
+        found = devices.lookup(str(dtype_raw))
+        if found is None:
+            raise ConfigError(f"not one of {known}", "type", str(opts.get("name") or origin), dtype_raw)
+        dtype = found.name
         idx = counters.get(dtype, 0)
         counters[dtype] = idx + 1
         cfg.devices.append(_device_from_options(dtype, opts, origin, idx))
@@ -271,19 +249,20 @@ def load_toml(path: str, cfg: SupervisorConfig | None = None) -> SupervisorConfi
 
 
 def add_cli_devices(cfg: SupervisorConfig, flags: list[tuple[str, str]]) -> None:
-    """``[("block", "vhost=..,path=..."), ("serial", ...)]`` in command-line order."""
+    """``[("block", "vhost=..,path=..."), ("serial", ...)]`` in command-line order;
+    a flag is a device type's ``flag`` (``devices.by_flag``)."""
     counters: dict[str, int] = {}
     for d in cfg.devices:
         counters[d.type] = counters.get(d.type, 0) + 1
     per_flag: dict[str, int] = {}
     for flag, text in flags:
-        dtype = FLAG_TYPES[flag]
+        dtype = devices.by_flag(flag).name
         per_flag[flag] = per_flag.get(flag, 0) + 1
         origin = f"--{flag} #{per_flag[flag]}"
         try:
             opts: dict[str, Any] = parse_keyvalues(text, f"--{flag}")
         except ConfigError as e:
-            raise ConfigError(str(e), None, origin) from None
+            raise ConfigError(e.message, e.key, origin, e.value) from None
         idx = counters.get(dtype, 0)
         counters[dtype] = idx + 1
         cfg.devices.append(_device_from_options(dtype, opts, origin, idx))
@@ -301,7 +280,8 @@ def validate(cfg: SupervisorConfig) -> None:
         cfg.control_socket = default_control_socket()
     cfg.control_socket = os.path.abspath(cfg.control_socket)
     if len(os.fsencode(cfg.control_socket)) > SUN_PATH_MAX:
-        raise ConfigError(f"{cfg.control_socket!r} is longer than {SUN_PATH_MAX} bytes", "control-socket")
+        raise ConfigError(f"longer than {SUN_PATH_MAX} bytes (sun_path)", "control-socket",
+                          value=cfg.control_socket)
     names: dict[str, DeviceSpec] = {}
     sockets: dict[str, DeviceSpec] = {}
     for d in cfg.devices:
@@ -311,12 +291,12 @@ def validate(cfg: SupervisorConfig) -> None:
         names[d.name] = d
         real = os.path.join(os.path.realpath(os.path.dirname(d.socket)), os.path.basename(d.socket))
         if real in sockets:
-            raise ConfigError(f"{d.socket!r} is already the socket of device {sockets[real].name!r}",
-                              "vhost", d.name)
+            raise ConfigError(f"already the socket of device {sockets[real].name!r}", "vhost", d.name,
+                              d.socket)
         sockets[real] = d
         if real == os.path.join(os.path.realpath(os.path.dirname(cfg.control_socket)),
                                 os.path.basename(cfg.control_socket)):
-            raise ConfigError(f"{d.socket!r} is the control socket", "vhost", d.name)
+            raise ConfigError("is the control socket", "vhost", d.name, d.socket)
 
 
 def open_builders(cfg: SupervisorConfig) -> dict[str, Any]:
@@ -325,30 +305,20 @@ def open_builders(cfg: SupervisorConfig) -> dict[str, Any]:
     All or nothing: on the first error every builder opened so far is closed
     and a ``ConfigError`` naming the device and key is raised.
     """
-    import devices
-    from devices.base import ConfigError as DeviceConfigError
-
     builders: dict[str, Any] = {}
     checked: set[str] = set()
     if not cfg.disable_sandbox:
         import sandbox
     try:
         for d in cfg.devices:
-            cls = devices.BUILDERS.get(d.type)
-            if cls is None:
-                raise ConfigError(f"{d.type!r} is not one of {', '.join(sorted(devices.BUILDERS))}", "type", d.name)
-            try:
-                builder = cls.from_options(d.name, dict(d.options))
-            except DeviceConfigError as e:
-                msg = str(e)
-                if msg.startswith(f"{d.name}: "):
-                    msg = msg[len(d.name) + 2:]
-                raise ConfigError(msg, None, d.name) from None
-            builders[d.name] = builder
+            dtype = devices.DEVICE_TYPES.get(d.type)
+            if dtype is None:
+                raise ConfigError(f"not one of {', '.join(devices.DEVICE_TYPES)}", "type", d.name, d.type)
+            builders[d.name] = dtype.builder.from_options(d.name, dict(d.options))
             if not cfg.disable_sandbox:
-                policy = os.path.join(cfg.jail.seccomp_policy_dir, builder.seccomp_policy)
+                policy = os.path.join(cfg.jail.seccomp_policy_dir, dtype.seccomp_policy)
                 if not os.path.isfile(policy):
-                    raise ConfigError(f"{policy!r} does not exist (policy {builder.seccomp_policy!r})",
+                    raise ConfigError(f"{policy!r} does not exist (policy {dtype.seccomp_policy!r})",
                                       "seccomp-policy-dir", d.name)
                 if policy not in checked:
                     checked.add(policy)
@@ -366,8 +336,7 @@ def open_builders(cfg: SupervisorConfig) -> dict[str, Any]:
     return builders
 
 
-def build_config(*, config_file: str | None = None, block: list[str] | None = None,
-                 serial: list[str] | None = None, rng: list[str] | None = None,
+def build_config(*, config_file: str | None = None,
                  ordered_flags: list[tuple[str, str]] | None = None, jail: list[str] | None = None,
                  disable_sandbox: bool | None = None, control_socket: str | None = None,
                  log_format: str | None = None, grace_period: float | None = None) -> SupervisorConfig:
@@ -383,14 +352,10 @@ def build_config(*, config_file: str | None = None, block: list[str] | None = No
         cfg.control_socket = control_socket
     if log_format:
         if log_format not in ("text", "json"):
-            raise ConfigError(f"{log_format!r} is not one of text, json", "log-format")
+            raise ConfigError("not one of text, json", "log-format", value=log_format)
         cfg.log_format = log_format
     if grace_period is not None:
         _apply_supervisor_keys(cfg, {"grace-period": grace_period}, "--grace-period")
-    flags = list(ordered_flags or [])
-    if ordered_flags is None:
-        flags = [("block", t) for t in block or []] + [("serial", t) for t in serial or []] + \
-                [("rng", t) for t in rng or []]
-    add_cli_devices(cfg, flags)
+    add_cli_devices(cfg, list(ordered_flags or []))
     validate(cfg)
     return cfg

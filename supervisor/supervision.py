@@ -24,6 +24,8 @@ from typing import Any
 
 import psutil
 
+import devices
+
 from . import logs
 from .child import READY_BYTE, ChildProcess, enable_fork_signal_reset, spawn_child
 from .config import ConfigError, SupervisorConfig
@@ -33,14 +35,14 @@ from .notify import Notifier
 from .slot import DeviceSlot, ExitInfo, ExitKind, State, should_restart
 
 #: Imported before the first fork: after pivot_root a child can import nothing.
+#: The device types' own modules come from their declarations.
 CHILD_MODULES = (
     "connection.connection", "connection.handler", "connection.memory", "connection.virtqueue",
     "connection.inflight", "connection.transport", "connection.protocol", "connection.executor",
-    "devices.base", "devices.block", "devices.console", "devices.rng",
     "traceback", "linecache", "tokenize", "concurrent.futures", "concurrent.futures.thread",
     "asyncio.unix_events", "uvloop", "mmap", "fcntl", "struct", "array", "selectors",
     "encodings.idna", "encodings.ascii", "encodings.latin_1",
-)
+) + devices.child_modules()
 FRONTEND_REFRESH = 1.0     # seconds between /proc/net/unix scans while a child is ready/serving
 MAX_LOG_LINE = 4096        # a child's stderr line is cut here (a hostile child cannot bloat us)
 LOG_READ = 65536

@@ -21,7 +21,8 @@ import pytest
 
 from connection.errors import ProtocolError
 from frontend.vhost_user import DESC_F_INDIRECT, VhostUserFrontend
-from frontend.virtio_blk import VIRTIO_BLK_S_IOERR, BlockDriver, BlockError, decode_blk_config
+from devices.virtio_blk import S_IOERR
+from frontend.virtio_blk import BlockDriver, BlockError, decode_blk_config
 from connection.protocol import FrontendReq, ProtocolFeature, VirtioFeature
 from frontend.qsd import qsd_command
 
@@ -213,7 +214,7 @@ def test_read_beyond_capacity_is_ioerr(qsd_plain):
         blk = BlockDriver(q, depth=1)
         with pytest.raises(BlockError) as err:
             blk.read(IMAGE_SIZE, 4096)
-        assert err.value.status == VIRTIO_BLK_S_IOERR
+        assert err.value.status == S_IOERR
         assert blk.read(0, 512) == bytes(512)   # queue still serves
 
 

@@ -9,9 +9,10 @@ import threading
 import pytest
 
 from frontend.vhost_user import DEVICE_FEATURE_MASK, DRIVER_FEATURES, VhostUserFrontend
-from frontend.virtio_blk import BLK_HDR, VIRTIO_BLK_T_OUT, BlockDriver, BlockError, decode_blk_config
+from frontend.virtio_blk import BlockDriver, BlockError, decode_blk_config
 from connection.protocol import VirtioFeature
-from devices.block import BlockBuilder, S_IOERR, S_UNSUPP
+from devices.block import BlockBuilder
+from devices.virtio_blk import HEADER, S_IOERR, S_UNSUPP, T_OUT
 from tests.conftest import wait_broken
 
 MiB = 1 << 20
@@ -143,7 +144,7 @@ def test_out_of_range_and_malformed(run_device, image):
     # unknown type
     hdr_gpa, hdr = q0.alloc(16)
     st_gpa, st = q0.alloc(1)
-    BLK_HDR.pack_into(hdr, 0, 77, 0, 0)
+    HEADER.pack_into(hdr, 0, 77, 0, 0)
     st[0] = 0xFF
     q0.submit([(hdr_gpa, 16)], [(st_gpa, 1)])
     q0.kick()
@@ -152,7 +153,7 @@ def test_out_of_range_and_malformed(run_device, image):
     # a request with no status byte breaks queue 1 only
     hdr2_gpa, hdr2 = q1.alloc(16)
     data_gpa, _ = q1.alloc(512)
-    BLK_HDR.pack_into(hdr2, 0, VIRTIO_BLK_T_OUT, 0, 0)
+    HEADER.pack_into(hdr2, 0, T_OUT, 0, 0)
     q1.submit([(hdr2_gpa, 16), (data_gpa, 512)], [])
     q1.kick()
     wait_broken(q1)

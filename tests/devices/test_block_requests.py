@@ -26,16 +26,16 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from connection.errors import ProtocolError
 from frontend.vhost_user import DEVICE_FEATURE_MASK, DRIVER_FEATURES, DriverQueue, VhostUserFrontend
 from frontend.virtio_blk import BlockDriver
-from devices.block import (BlockBuilder, CONFIG, F_DISCARD, F_FLUSH, F_RO, F_WRITE_ZEROES, S_IOERR,
-                           S_OK, S_UNSUPP, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT,
-                           T_WRITE_ZEROES)
+from devices.block import BlockBuilder
+from devices.virtio_blk import (CONFIG, F_DISCARD, F_FLUSH, F_RO, F_WRITE_ZEROES, HEADER, S_IOERR, S_OK,
+                                S_UNSUPP, SEGMENT, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES)
 
 from tests.conftest import wait_broken
 
 from .conftest import DeviceThread
 
-HDR = struct.Struct("<IIQ")
-SEG = struct.Struct("<QII")
+HDR = HEADER
+SEG = SEGMENT
 SIZE = 1 << 20          # image size
 MiB = 1 << 20
 QSIZE = 64              # ring size of every queue here

@@ -30,26 +30,32 @@ def test_registry():
         assert cls.device_type in BUILDERS
 
 
-@pytest.mark.parametrize("opts,needle", [
-    ({}, "path="),
-    ({"path": "/nonexistent/disk.img"}, "path='/nonexistent/disk.img'"),
-    ({"ro": "maybe"}, "ro='maybe'"),
-    ({"block-size": "1000"}, "block-size=1000"),
-    ({"block-size": "256"}, "block-size='256'"),
-    ({"num-queues": "17"}, "num-queues='17'"),
-    ({"num-queues": "x"}, "num-queues='x'"),
-    ({"id": "a" * 21}, "id="),
-    ({"readonly": "true"}, "readonly='true'"),
-    ({"packed-queue": "true"}, "packed-queue"),
-    ({"ro": "true", "read-only": "true"}, "read-only"),
+@pytest.mark.parametrize("opts,key,value", [
+    ({}, "path", None),
+    ({"path": "/nonexistent/disk.img"}, "path", "/nonexistent/disk.img"),
+    ({"ro": "maybe"}, "ro", "maybe"),
+    ({"ro": ""}, "ro", ""),
+    ({"block-size": "1000"}, "block-size", "1000"),
+    ({"block-size": "256"}, "block-size", "256"),
+    ({"num-queues": "17"}, "num-queues", "17"),
+    ({"num-queues": "x"}, "num-queues", "x"),
+    ({"id": "a" * 21}, "id", "a" * 21),
+    ({"readonly": "true"}, "readonly", "true"),
+    ({"packed-queue": "true"}, "packed-queue", "true"),
+    ({"ro": "true", "read-only": "true"}, "read-only", "true"),
 ])
-def test_block_config_errors(image, opts, needle):
+def test_block_config_errors(image, opts, key, value):
+    """Every error carries the device, the key as written and the value,
+    and its message names all three."""
     if "path" not in opts and opts:
         opts = {"path": image, **opts}
     with pytest.raises(ConfigError) as info:
         BlockBuilder.from_options("blk0", opts)
-    assert needle in str(info.value)
-    assert "blk0" in str(info.value)
+    err = info.value
+    assert (err.device, err.key, err.value) == ("blk0", key, value), str(err)
+    assert "'blk0'" in str(err) and repr(key) in str(err)
+    if value is not None:
+        assert f"value {value!r}" in str(err)
 
 
 def test_block_lock(image):
@@ -58,7 +64,7 @@ def test_block_lock(image):
         with pytest.raises(ConfigError) as info:
             BlockBuilder.from_options("b", {"path": image})
         msg = str(info.value)
-        assert "lock=true" in msg and image in msg and f"pid {os.getpid()}" in msg
+        assert info.value.key == "lock" and image in msg and f"pid {os.getpid()}" in msg
         with pytest.raises(ConfigError):
             BlockBuilder.from_options("c", {"path": image, "ro": "true"})
         BlockBuilder.from_options("d", {"path": image, "lock": "false"}).close()
@@ -86,15 +92,15 @@ def test_block_keep_fds_and_close(image):
 
 
 def test_console_options(tmp_path):
-    with pytest.raises(ConfigError, match="type='syslog'"):
+    with pytest.raises(ConfigError, match="key 'type', value 'syslog'"):
         ConsoleBuilder.from_options("con", {"type": "syslog"})
     with pytest.raises(ConfigError, match="needs path="):
         ConsoleBuilder.from_options("con", {"type": "file"})
     with pytest.raises(ConfigError, match="mutually exclusive"):
         ConsoleBuilder.from_options("con", {"input": str(tmp_path / "x"), "stdin": "true"})
-    with pytest.raises(ConfigError, match="input='"):
+    with pytest.raises(ConfigError, match="key 'input', value '"):
         ConsoleBuilder.from_options("con", {"input": str(tmp_path / "missing")})
-    with pytest.raises(ConfigError, match="cols='70000'"):
+    with pytest.raises(ConfigError, match="key 'cols', value '70000'"):
         ConsoleBuilder.from_options("con", {"cols": "70000"})
     sink = ConsoleBuilder.from_options("con", {})
     assert sink.keep_fds() == []
@@ -117,7 +123,7 @@ def test_console_options(tmp_path):
 
 def test_rng_options():
     assert RngBuilder.from_options("rng", {}).keep_fds() == []
-    with pytest.raises(ConfigError, match="bogus='1'"):
+    with pytest.raises(ConfigError, match="key 'bogus', value '1'"):
         RngBuilder.from_options("rng", {"bogus": "1"})
 
 
@@ -131,5 +137,5 @@ def test_block_poll_us_bounds_the_queue_polling(tmp_path):
     finally:
         default.close()
         off.close()
-    with pytest.raises(ConfigError, match="poll-us='5000'"):
+    with pytest.raises(ConfigError, match="key 'poll-us', value '5000'"):
         BlockBuilder.from_options("blk", {"path": str(img), "poll-us": "5000"})

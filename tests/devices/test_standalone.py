@@ -14,7 +14,7 @@ import time
 import pytest
 
 from frontend.vhost_user import VhostUserFrontend
-from frontend.virtio_blk import BLK_HDR, VIRTIO_BLK_T_OUT
+from devices.virtio_blk import HEADER, T_OUT
 from devices import standalone
 
 from .conftest import REPO, standalone as run_standalone, standalone_cmd, wait_for_path
@@ -37,7 +37,7 @@ def test_usage_errors(tmp_path, capsys):
     assert "--file" in capsys.readouterr().err
     assert standalone.main(["block", "--socket-path", str(tmp_path / "s"),
                             "--file", str(tmp_path / "missing.img")]) == 1
-    assert "path=" in capsys.readouterr().err
+    assert "key 'path'" in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
     with pytest.raises(SystemExit):
         standalone.main(["block", "--socket-path", "a", "--fd", "3"])
@@ -105,7 +105,7 @@ def _submit_writes(q, rnd, expected, count, size, chunk):
         hdr_gpa, hdr = q.alloc(16)
         data_gpa, buf = q.alloc(chunk, 4096)
         st_gpa, st = q.alloc(1)
-        BLK_HDR.pack_into(hdr, 0, VIRTIO_BLK_T_OUT, 0, off // 512)
+        HEADER.pack_into(hdr, 0, T_OUT, 0, off // 512)
         buf[:] = data
         st[0] = 0xFF
         head = q.submit([(hdr_gpa, 16), (data_gpa, chunk)], [(st_gpa, 1)])
