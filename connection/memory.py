@@ -30,6 +30,7 @@ import logging
 import mmap
 import os
 import stat
+from typing import NamedTuple
 
 from .errors import GuestMemoryError, ProtocolError
 from .protocol import MAX_MEM_SLOTS, MemoryRegion
@@ -39,6 +40,17 @@ log = logging.getLogger("vhost.memory")
 #: Linux MAP_NORESERVE; the mmap module does not export it.
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _U64_END = 1 << 64
+
+
+class RegionSpan(NamedTuple):
+    """One region as the translation tables see it: guest byte ``a`` with
+    ``start <= a < end`` lives at ``view[a - start + offset]``.  ``start``
+    and ``end`` are GPAs in the GPA table, QVAs in the QVA table."""
+
+    start: int
+    end: int
+    view: memoryview
+    offset: int
 
 
 class MappedRegion:
@@ -86,10 +98,12 @@ class MappedRegion:
 class GuestMemory:
     """The guest's memory as the front-end shared it.
 
-    ``gpa``/``qva`` are the hot path: a tuple scan of ``(start, end, view,
-    offset)`` entries with a one-entry cache of the last region hit (a
-    block request's buffers nearly always live in the same region).  The
-    virtqueue reads ``_gpa_last`` directly to translate inline.
+    ``gpa``/``qva`` are the hot path: a scan of ``RegionSpan`` entries
+    with a one-entry cache of the last region hit (a block request's
+    buffers nearly always live in the same region).  The virtqueue
+    translates inline: it starts from ``last_gpa_region`` (a plain
+    attribute, read once per chain) and asks ``gpa_region`` when a buffer
+    lies elsewhere.
     """
 
     def __init__(self, max_regions: int = MAX_MEM_SLOTS) -> None:
@@ -97,10 +111,12 @@ class GuestMemory:
         self.regions: tuple[MappedRegion, ...] = ()
         #: Bumped on every mapping change; rings are re-translated on change.
         self.generation = 0
-        self._gpa_table: tuple[tuple[int, int, memoryview, int], ...] = ()
-        self._qva_table: tuple[tuple[int, int, memoryview, int], ...] = ()
-        self._gpa_last: tuple[int, int, memoryview, int] | None = None
-        self._qva_last: tuple[int, int, memoryview, int] | None = None
+        self._gpa_table: tuple[RegionSpan, ...] = ()
+        self._qva_table: tuple[RegionSpan, ...] = ()
+        #: The GPA region of the last ``gpa``/``gpa_region`` hit (None while
+        #: nothing is mapped); read-only for callers.
+        self.last_gpa_region: RegionSpan | None = None
+        self._qva_last: RegionSpan | None = None
 
     # ------------------------------------------------------------------ changes
 
@@ -170,10 +186,11 @@ class GuestMemory:
             r.unmap()
 
     def _rebuild(self) -> None:
-        self._gpa_table = tuple((r.guest_phys_addr, r.gpa_end, r.view, r.mmap_offset) for r in self.regions)
-        self._qva_table = tuple(sorted(((r.userspace_addr, r.qva_end, r.view, r.mmap_offset)
-                                        for r in self.regions), key=lambda e: e[0]))
-        self._gpa_last = self._gpa_table[0] if self._gpa_table else None
+        self._gpa_table = tuple(RegionSpan(r.guest_phys_addr, r.gpa_end, r.view, r.mmap_offset)
+                                for r in self.regions)
+        self._qva_table = tuple(sorted((RegionSpan(r.userspace_addr, r.qva_end, r.view, r.mmap_offset)
+                                        for r in self.regions), key=lambda e: e.start))
+        self.last_gpa_region = self._gpa_table[0] if self._gpa_table else None
         self._qva_last = self._qva_table[0] if self._qva_table else None
         self.generation += 1
 
@@ -182,17 +199,23 @@ class GuestMemory:
     def gpa(self, addr: int, length: int) -> memoryview:
         """A writable zero-copy view of guest-physical ``[addr, addr+length)``,
         which must lie inside one region; GuestMemoryError otherwise."""
-        e = self._gpa_last
+        e = self.last_gpa_region
         if e is not None and e[0] <= addr and addr + length <= e[1] and length >= 0:
             o = addr - e[0] + e[3]
             return e[2][o:o + length]
+        e = self.gpa_region(addr, length)
+        o = addr - e[0] + e[3]
+        return e[2][o:o + length]
+
+    def gpa_region(self, addr: int, length: int) -> RegionSpan:
+        """The region holding guest-physical ``[addr, addr+length)`` whole,
+        which becomes ``last_gpa_region``; GuestMemoryError if none does."""
         if length >= 0:
             end = addr + length
             for e in self._gpa_table:
                 if e[0] <= addr and end <= e[1]:
-                    self._gpa_last = e
-                    o = addr - e[0] + e[3]
-                    return e[2][o:o + length]
+                    self.last_gpa_region = e
+                    return e
         raise GuestMemoryError(f"guest physical address {addr:#x} length {length} "
                                f"is not inside one guest memory region")
 

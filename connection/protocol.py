@@ -88,19 +88,6 @@ class FrontendReq(enum.IntEnum):
     CHECK_DEVICE_STATE = 43
 
 
-class BackendReq(enum.IntEnum):
-    """Requests the back-end sends on the SET_BACKEND_REQ_FD channel."""
-
-    IOTLB_MSG = 1
-    CONFIG_CHANGE_MSG = 2
-    VRING_HOST_NOTIFIER_MSG = 3
-    VRING_CALL = 4
-    VRING_ERR = 5
-    SHARED_OBJECT_ADD = 6
-    SHARED_OBJECT_REMOVE = 7
-    SHARED_OBJECT_LOOKUP = 8
-
-
 def request_name(request: int) -> str:
     """A readable name for a request code, also for codes we do not know."""
     try:
