@@ -30,7 +30,6 @@ import logging
 import mmap
 import os
 import stat
-from typing import NamedTuple
 
 from .errors import GuestMemoryError, ProtocolError
 from .protocol import MAX_MEM_SLOTS, MemoryRegion
@@ -42,15 +41,12 @@ MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _U64_END = 1 << 64
 
 
-class RegionSpan(NamedTuple):
-    """One region as the translation tables see it: guest byte ``a`` with
-    ``start <= a < end`` lives at ``view[a - start + offset]``.  ``start``
-    and ``end`` are GPAs in the GPA table, QVAs in the QVA table."""
-
-    start: int
-    end: int
-    view: memoryview
-    offset: int
+#: One region as the translation tables see it, ``(start, end, view,
+#: offset)``: guest byte ``a`` with ``start <= a < end`` lives at
+#: ``view[a - start + offset]`` (GPAs in the GPA table, QVAs in the QVA
+#: table).  A plain tuple, not a NamedTuple: unpacking and indexing an exact
+#: tuple are the interpreter's fast paths, and this is the hot path.
+RegionSpan = tuple[int, int, memoryview, int]
 
 
 class MappedRegion:
@@ -98,7 +94,7 @@ class MappedRegion:
 class GuestMemory:
     """The guest's memory as the front-end shared it.
 
-    ``gpa``/``qva`` are the hot path: a scan of ``RegionSpan`` entries
+    ``gpa``/``qva`` are the hot path: a scan of ``RegionSpan`` tuples
     with a one-entry cache of the last region hit (a block request's
     buffers nearly always live in the same region).  The virtqueue
     translates inline: it starts from ``last_gpa_region`` (a plain
@@ -186,10 +182,9 @@ class GuestMemory:
             r.unmap()
 
     def _rebuild(self) -> None:
-        self._gpa_table = tuple(RegionSpan(r.guest_phys_addr, r.gpa_end, r.view, r.mmap_offset)
-                                for r in self.regions)
-        self._qva_table = tuple(sorted((RegionSpan(r.userspace_addr, r.qva_end, r.view, r.mmap_offset)
-                                        for r in self.regions), key=lambda e: e.start))
+        self._gpa_table = tuple((r.guest_phys_addr, r.gpa_end, r.view, r.mmap_offset) for r in self.regions)
+        self._qva_table = tuple(sorted(((r.userspace_addr, r.qva_end, r.view, r.mmap_offset)
+                                        for r in self.regions), key=lambda e: e[0]))
         self.last_gpa_region = self._gpa_table[0] if self._gpa_table else None
         self._qva_last = self._qva_table[0] if self._qva_table else None
         self.generation += 1

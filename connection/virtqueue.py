@@ -210,9 +210,15 @@ class QueueConfig:
         _close(old)
 
     def set_err_fd(self, fd: int | None) -> None:
+        """SET_VRING_ERR.  A ring that is already broken (e.g. by its
+        inflight region at start, before the front-end sent this) signals
+        the new fd at once: broken is a state, not an event to miss."""
         old, self.err_fd = self.err_fd, fd
-        if self.running is not None:
-            self.running._err_fd = fd
+        running = self.running
+        if running is not None:
+            running._err_fd = fd
+            if running.broken:
+                running._signal_err()
         _close(old)
 
     def set_inflight(self, region: InflightQueue | None) -> None:
@@ -273,6 +279,15 @@ class Virtqueue:
     """A running split ring, made by ``QueueConfig.activate`` and used by
     the device (``wait_kick``, ``pop``, ``add_used``, ``flush``).  Once
     stopped or broken it hands out nothing and writes nothing."""
+
+    # Slots: the hot path reads a dozen of these per request, and a slot is
+    # the interpreter's fastest attribute (a dict of this many keys is not).
+    __slots__ = ("index", "size", "name", "enabled", "broken", "broken_reason", "serve_hook",
+                 "_call_fd", "_err_fd", "_mem", "_inflight", "_kick", "_event_idx", "_indirect_ok",
+                 "_notify_on_empty", "_max_indirect", "_mask", "_used_event_i", "_avail_event_i",
+                 "_desc", "_avail", "_used_h", "_used_ring", "_addr", "_ready", "_stopped",
+                 "_last_avail", "_shadow_avail", "_used_idx", "_used_shadow", "_signalled", "_inuse",
+                 "_resubmit", "_batch")
 
     def __init__(self, config: QueueConfig, mem: GuestMemory, features: int) -> None:
         self.index = config.index
@@ -709,12 +724,15 @@ class Virtqueue:
         self._ready = False
         self._kick.unwatch()
         log.error("%squeue %d broken: %s", self._prefix(), self.index, reason)
+        self._signal_err()
+        self._kick.wake(kicked=False)
+
+    def _signal_err(self) -> None:
         if self._err_fd is not None:
             try:
                 os.write(self._err_fd, _EVENTFD_ONE)
             except OSError:
                 pass
-        self._kick.wake(kicked=False)
 
     # ---------------------------------------------------------------- state
 
