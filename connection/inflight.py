@@ -84,30 +84,14 @@ class InflightQueue:
         self._h = view.cast("H")
         self._q = view.cast("Q")
 
-    # header fields, for the handler and for tests
-    @property
-    def features(self) -> int:
-        return self._q[0]
-
+    # header fields the queue and tests read
     @property
     def version(self) -> int:
         return self._h[4]
 
     @property
-    def desc_num(self) -> int:
-        return self._h[5]
-
-    @property
-    def last_batch_head(self) -> int:
-        return self._h[6]
-
-    @property
     def used_idx(self) -> int:
         return self._h[7]
-
-    def desc(self, head: int) -> tuple[int, int, int]:
-        """``(inflight, next, counter)`` of one slot (tests, diagnostics)."""
-        return self._b[HEADER_SIZE + DESC_SIZE * head], self._h[11 + 8 * head], self._q[3 + 2 * head]
 
     def initialise(self, used_idx: int = 0) -> None:
         """Make the region fresh: zeroed slots, version 1, ``used_idx``."""
@@ -142,14 +126,6 @@ class InflightQueue:
         for head in heads:
             b[HEADER_SIZE + DESC_SIZE * head] = 0
         self._h[7] = used_idx & 0xFFFF
-
-    def completed(self, heads: list[int], used_idx: int) -> None:
-        """A whole batch at once (link, clear, used_idx).  ``Virtqueue.flush``
-        uses ``link_batch``/``commit_batch`` around its used-idx store so a
-        crash in between is recoverable; this is for callers that publish
-        nothing themselves."""
-        self.link_batch(heads)
-        self.commit_batch(heads, used_idx)
 
     # -- reconnection
 

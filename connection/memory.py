@@ -105,8 +105,6 @@ class GuestMemory:
     def __init__(self, max_regions: int = MAX_MEM_SLOTS) -> None:
         self.max_regions = max_regions
         self.regions: tuple[MappedRegion, ...] = ()
-        #: Bumped on every mapping change; rings are re-translated on change.
-        self.generation = 0
         self._gpa_table: tuple[RegionSpan, ...] = ()
         self._qva_table: tuple[RegionSpan, ...] = ()
         #: The GPA region of the last ``gpa``/``gpa_region`` hit (None while
@@ -187,7 +185,6 @@ class GuestMemory:
                                         for r in self.regions), key=lambda e: e[0]))
         self.last_gpa_region = self._gpa_table[0] if self._gpa_table else None
         self._qva_last = self._qva_table[0] if self._qva_table else None
-        self.generation += 1
 
     # -------------------------------------------------------------- translation
 

@@ -158,7 +158,6 @@ MEM_TABLE_HEADER = struct.Struct("=II")     # nregions, padding
 SINGLE_REGION = struct.Struct("=QQQQQ")     # padding, then one region
 LOG = struct.Struct("=QQ")                  # mmap_size, mmap_offset
 CONFIG_HEADER = struct.Struct("=III")       # offset, size, flags
-VRING_AREA = struct.Struct("=QQQ")          # index|flags, size, offset
 INFLIGHT = struct.Struct("=QQHH4x")         # C sizeof pads 20 bytes of fields to 24
 DEVICE_STATE = struct.Struct("=II")         # direction, phase
 SHARED_OBJECT = struct.Struct("=16s")

@@ -117,7 +117,9 @@ def test_fetched_and_completed_in_the_raw_buffer():
         q.fetched(head)
     assert raw.inflight_heads(1) == [1, 3, 6]
     assert [raw.desc(h, 1)[2] for h in (3, 6, 1)] == [0, 1, 2]
-    q.completed([6, 3], 7)
+    q.link_batch([6, 3])                                    # before the ring's used idx store
+    assert raw.inflight_heads(1) == [1, 3, 6]
+    q.commit_batch([6, 3], 7)                               # after it
     assert raw.inflight_heads(1) == [1]
     features, version, n, last_batch_head, used_idx = raw.header(1)
     assert (last_batch_head, used_idx) == (3, 7)
