@@ -321,9 +321,11 @@ class Virtqueue:
         self._avail = _NO_U16
         self._used_h = _NO_U16
         self._used_ring = _NO_U64
-        self._addr = config.addr
-        assert self._addr is not None  # activate checked it
-        self.map_rings(self._addr)
+        addr = config.addr
+        if addr is None:
+            raise ProtocolError(f"queue {self.index}: started without SET_VRING_ADDR")
+        self._addr = addr
+        self.map_rings(addr)
         self._ready = True           # running and not broken
         self._stopped = False
         self._last_avail = self._shadow_avail = config.base   # next avail slot; last avail.idx read
@@ -397,7 +399,8 @@ class Virtqueue:
                 self.mark_broken(str(exc))
 
     def stop(self) -> int:
-        """End this ring (``QueueConfig.stop``): publish what was completed,
+        """End this ring (called by ``QueueConfig.stop``, not by devices):
+        publish what was completed,
         drop the views into guest memory, wake a waiter (it returns False).
         Returns the next avail index."""
         if self._ready:

@@ -423,6 +423,21 @@ def test_vring_need_event(event, new, old, expected):
     assert vring_need_event(event, new, old) is expected
 
 
+def test_split_ring_layout_is_the_spec():
+    """virtio 1.x 2.7: the sizes and event-field positions both sides use,
+    here for a 256-entry queue, as the one module states them."""
+    from connection import split_ring as sr
+    assert (sr.DESC.size, sr.DESC.format) == (16, "<QIHH")
+    assert sr.DESC.pack(1, 2, sr.DESC_F_NEXT | sr.DESC_F_WRITE, 3) == \
+        (1).to_bytes(8, "little") + (2).to_bytes(4, "little") + b"\x03\x00\x03\x00"
+    assert (sr.desc_table_size(256), sr.avail_ring_size(256), sr.used_ring_size(256)) == (4096, 518, 2054)
+    assert sr.used_event_index(256) * 2 == 4 + 2 * 256            # after avail ring[256]
+    assert sr.avail_event_index(256) * 2 == 4 + 8 * 256           # after used ring[256]
+    assert (sr.DESC_ALIGN, sr.AVAIL_ALIGN, sr.USED_ALIGN, sr.MAX_QUEUE_SIZE) == (16, 2, 4, 32768)
+    import connection.virtqueue as vq
+    assert vq.vring_need_event is sr.vring_need_event          # one definition, re-exported
+
+
 def test_event_idx_suppression(setup):
     q, ring = setup.queue(size=16, features=EVENT_IDX)
     buf = setup.guest.alloc(64)
