@@ -93,12 +93,14 @@ class KickWaiter:
             if not self.loop.is_closed():
                 self.loop.remove_reader(fd)
 
-    def set_fd(self, fd: int | None) -> None:
-        """Watch another fd (None: NOFD polling); counts as a kick, so a
-        request queued while the old fd went away is not left waiting."""
+    def set_fd(self, fd: int | None, watch: bool = True) -> None:
+        """Use another fd (None: NOFD polling), watched unless ``watch`` is
+        False (a broken ring); counts as a kick, so a request queued while
+        the old fd went away is not left waiting."""
         self.unwatch()
         self.fd = fd
-        self.watch()
+        if watch:
+            self.watch()
         self.wake(kicked=True)
 
     def drain(self) -> str | None:

@@ -200,7 +200,7 @@ class QueueConfig:
             os.set_blocking(fd, False)
         old, self.kick_fd = self.kick_fd, fd
         if self.running is not None:
-            self.running._kick.set_fd(fd)
+            self.running._kick.set_fd(fd, watch=not self.running.broken)
         _close(old)
 
     def set_call_fd(self, fd: int | None) -> None:
