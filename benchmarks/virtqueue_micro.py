@@ -23,7 +23,8 @@ import uvloop
 from connection.inflight import InflightRegion
 from connection.memory import GuestMemory
 from connection.protocol import MemoryRegion, VirtioFeature, VringAddr
-from connection.virtqueue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, Virtqueue
+from connection.split_ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
+from connection.virtqueue import QueueConfig
 
 MiB = 1 << 20
 QSIZE = 256
@@ -68,7 +69,8 @@ def run(name: str, *, indirect: bool, event_idx: bool, inflight: bool, batch: in
     for k in range(per, QSIZE):          # slots beyond `per` repeat the first chains
         avail[2 + k] = avail[2 + k % per]
     loop = uvloop.new_event_loop()
-    q = Virtqueue(0, QSIZE, loop)
+    cfg = QueueConfig(0, QSIZE, loop)
+    q = cfg
     q.set_size(QSIZE)
     q.set_addresses(VringAddr(0, 0, QVA + desc_gpa, QVA + used_gpa, QVA + avail_gpa, 0))
     q.set_base(0)
@@ -78,7 +80,7 @@ def run(name: str, *, indirect: bool, event_idx: bool, inflight: bool, batch: in
     q.set_inflight(region.queue(0) if region else None)
     features = (VirtioFeature.RING_INDIRECT_DESC if indirect else 0) | \
                (VirtioFeature.RING_EVENT_IDX if event_idx else 0)
-    q.start(mem, int(features))
+    q = cfg.activate(mem, int(features))
     batch = min(batch, per)
 
     idx = 0
@@ -105,7 +107,7 @@ def run(name: str, *, indirect: bool, event_idx: bool, inflight: bool, batch: in
         # is bounded by its own CPU time, not by its neighbours'.
         rate = max(rate, done / max(time.thread_time() - c0, 1e-9))
     assert not q.broken, q.broken_reason
-    q.close()
+    cfg.close()
     loop.close()
     if region:
         region.close()

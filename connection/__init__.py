@@ -14,12 +14,12 @@ from .handler import Backend, DeviceRequestHandler, RequestRefused
 from .inflight import InflightQueue, InflightRegion
 from .memory import GuestMemory
 from .protocol import FrontendReq, Message, ProtocolFeature, VirtioFeature
-from .virtqueue import DescriptorChain, Virtqueue
+from .virtqueue import DescriptorChain, QueueConfig, Virtqueue
 
 __all__ = [
     "Backend", "ConnectionClosed", "DescriptorChain", "DeviceRequestHandler", "Executor", "FrontendReq",
     "GuestMemory", "GuestMemoryError", "InflightQueue", "InflightRegion", "Message", "ParentResources",
-    "ProtocolError", "ProtocolFeature", "QueueBrokenError", "RequestRefused", "VhostUserConnection",
+    "ProtocolError", "ProtocolFeature", "QueueBrokenError", "QueueConfig", "RequestRefused", "VhostUserConnection",
     "VhostUserDevice", "VhostUserDeviceBuilder", "VhostUserError", "VhostUserListener", "VhostUserStream",
     "Virtqueue", "VirtioFeature", "serve_connection",
 ]

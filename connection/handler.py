@@ -4,7 +4,9 @@
 one front-end request into an optional reply.  ``DeviceRequestHandler`` is
 the one real implementation: it keeps the negotiated state (features, guest
 memory, rings, inflight region) and hands started queues to a
-``VhostUserDevice``, which then only ever sees guest buffers.
+``VhostUserDevice``, which then only ever sees guest buffers.  Each ring's
+configuration is a ``QueueConfig``; starting one (``activate``) gives the
+running ``Virtqueue`` the device serves.
 
 Rules it follows (vhost-user spec, "Ring states"): every ring begins stopped
 and disabled; a ring starts when its kick fd arrives (SET_VRING_KICK, also
@@ -22,7 +24,7 @@ import stat
 from collections.abc import Callable
 
 from .device import VhostUserDevice
-from .errors import ProtocolError, VhostUserError
+from .errors import ProtocolError
 from .executor import Executor
 from .inflight import InflightRegion
 from .memory import GuestMemory
@@ -31,7 +33,7 @@ from .protocol import (CONFIG_FLAG_FRONTEND, CONFIG_FLAG_MIGRATION, MAX_CONFIG_S
                        decode_config, decode_inflight, decode_mem_table, decode_single_region,
                        decode_u64, decode_vring_addr, decode_vring_fd_payload, decode_vring_state,
                        encode_config, encode_inflight, encode_u64, encode_vring_state)
-from .virtqueue import Virtqueue
+from .virtqueue import QueueConfig
 
 log = logging.getLogger("vhost.connection")
 
@@ -115,8 +117,7 @@ class DeviceRequestHandler(Backend):
         if not 1 <= self.num_queues <= 256:
             raise ValueError(f"device max_queue_num {self.num_queues} outside 1..256")
         self.mem = GuestMemory()
-        self.queues: list[Virtqueue] = self._new_queues()
-        self._addr_set = [False] * self.num_queues
+        self.queues: list[QueueConfig] = self._new_queues()
         self.owned = False
         self.acked_features = 0
         self.acked_protocol_features = 0
@@ -212,18 +213,18 @@ class DeviceRequestHandler(Backend):
     # ------------------------------------------------------------------
     # helpers
 
-    def _new_queues(self) -> list[Virtqueue]:
+    def _new_queues(self) -> list[QueueConfig]:
         # The device's name (when it has one) tags the queues' log lines.
         name = str(getattr(self.device, "name", "") or "")
-        return [Virtqueue(i, int(self.device.max_queue_size), self.ex.loop, name=name)
+        return [QueueConfig(i, int(self.device.max_queue_size), self.ex.loop, name=name)
                 for i in range(self.num_queues)]
 
-    def _queue(self, msg: Message, index: int) -> Virtqueue:
+    def _queue(self, msg: Message, index: int) -> QueueConfig:
         if not 0 <= index < self.num_queues:
             raise ProtocolError(f"{msg.name}: vring index {index} out of range (device has {self.num_queues})")
         return self.queues[index]
 
-    def _stopped_queue(self, msg: Message, index: int) -> Virtqueue:
+    def _stopped_queue(self, msg: Message, index: int) -> QueueConfig:
         queue = self._queue(msg, index)
         if queue.started:
             raise ProtocolError(f"{msg.name}: vring {index} is started; GET_VRING_BASE must stop it first")
@@ -255,7 +256,6 @@ class DeviceRequestHandler(Backend):
             except Exception:
                 log.exception("closing vring %d failed", queue.index)
         self.queues = self._new_queues()
-        self._addr_set = [False] * self.num_queues
 
     def _drop_inflight(self) -> None:
         if self.inflight is not None:
@@ -274,33 +274,23 @@ class DeviceRequestHandler(Backend):
     def _remap_queues(self) -> None:
         """Re-translate ring pointers of configured queues after a memory
         table change; a ring that no longer maps breaks that queue only."""
-        for i, queue in enumerate(self.queues):
-            if not self._addr_set[i]:
-                continue
-            try:
-                queue.remap(self.mem)
-            except VhostUserError as e:
-                queue.mark_broken(f"remap after memory change: {e}")
+        for queue in self.queues:
+            queue.remap(self.mem)   # a ring that no longer maps breaks, nothing raises
 
     def _start_queue(self, msg: Message, index: int) -> None:
         queue = self.queues[index]
-        if not self._addr_set[index]:
+        if queue.addr is None:
             raise ProtocolError(f"{msg.name}: vring {index} started before SET_VRING_ADDR")
         if self.inflight is not None and index < self.inflight.num_queues:
-            queue.set_inflight(self.inflight.queue(index))   # start() checks it fits the ring
+            queue.set_inflight(self.inflight.queue(index))   # activate() checks it fits the ring
         else:
             queue.set_inflight(None)
         try:
-            queue.start(self.mem, self.acked_features)
+            running = queue.activate(self.mem, self.acked_features)
         except OSError as e:   # e.g. the kick fd cannot be polled
-            queue.stop()
             raise ProtocolError(f"{msg.name}: vring {index} cannot start: {e}") from e
-        except BaseException:
-            if queue.started:
-                queue.stop()
-            raise
         try:
-            self.device.start_queue(index, queue, self.mem)
+            self.device.start_queue(index, running, self.mem)
         except Exception as e:
             queue.stop()
             raise ProtocolError(f"{msg.name}: device refused to start vring {index}: {e}") from e
@@ -431,7 +421,6 @@ class DeviceRequestHandler(Backend):
         if addr.flags & ~1:
             raise ProtocolError(f"SET_VRING_ADDR: unknown flags {addr.flags:#x} for vring {addr.index}")
         queue.set_addresses(addr)
-        self._addr_set[addr.index] = True
         return None
 
     def _set_vring_base(self, msg: Message) -> None:

@@ -47,6 +47,10 @@ DESC_SIZE = 16
 VERSION = 1
 MAX_QUEUE_SIZE = 32768
 MAX_QUEUES = 256  # the u8 vring index of vhost-user
+#: A region handed back (SET_INFLIGHT_FD) is the front-end's data: the fetch
+#: counter of an in-flight slot must leave room to count on (we continue
+#: from the highest one), so anything at or above this is refused.
+MAX_COUNTER = 1 << 63
 
 
 def queue_stride(queue_size: int) -> int:
@@ -80,30 +84,14 @@ class InflightQueue:
         self._h = view.cast("H")
         self._q = view.cast("Q")
 
-    # header fields, for the handler and for tests
-    @property
-    def features(self) -> int:
-        return self._q[0]
-
+    # header fields the queue and tests read
     @property
     def version(self) -> int:
         return self._h[4]
 
     @property
-    def desc_num(self) -> int:
-        return self._h[5]
-
-    @property
-    def last_batch_head(self) -> int:
-        return self._h[6]
-
-    @property
     def used_idx(self) -> int:
         return self._h[7]
-
-    def desc(self, head: int) -> tuple[int, int, int]:
-        """``(inflight, next, counter)`` of one slot (tests, diagnostics)."""
-        return self._b[HEADER_SIZE + DESC_SIZE * head], self._h[11 + 8 * head], self._q[3 + 2 * head]
 
     def initialise(self, used_idx: int = 0) -> None:
         """Make the region fresh: zeroed slots, version 1, ``used_idx``."""
@@ -139,47 +127,72 @@ class InflightQueue:
             b[HEADER_SIZE + DESC_SIZE * head] = 0
         self._h[7] = used_idx & 0xFFFF
 
-    def completed(self, heads: list[int], used_idx: int) -> None:
-        """A whole batch at once (link, clear, used_idx).  ``Virtqueue.flush``
-        uses ``link_batch``/``commit_batch`` around its used-idx store so a
-        crash in between is recoverable; this is for callers that publish
-        nothing themselves."""
-        self.link_batch(heads)
-        self.commit_batch(heads, used_idx)
-
     # -- reconnection
+
+    def check(self) -> None:
+        """Validate what the front-end handed back before anything in it is
+        used: version, desc_num and the counters of in-flight slots.  A fresh
+        region (version 0) passes: it is initialised on first use.
+        ProtocolError naming the queue, the field and the value."""
+        if self._h[4] != 0:
+            self._check_header()
+            self._inflight_heads()
+
+    def _check_header(self) -> None:
+        h = self._h
+        if h[4] != VERSION:
+            raise ProtocolError(f"inflight queue {self.index}: version {h[4]}, expected {VERSION}")
+        if h[5] != self.capacity:
+            raise ProtocolError(f"inflight queue {self.index}: desc_num {h[5]}, expected {self.capacity}")
+
+    def _inflight_heads(self) -> list[int]:
+        """Slots marked in flight, in fetch (counter) order; ProtocolError if
+        a counter is out of range."""
+        n = self.capacity
+        flags = self._b[HEADER_SIZE:HEADER_SIZE + DESC_SIZE * n:DESC_SIZE].tolist()
+        q = self._q
+        heads = [i for i, f in enumerate(flags) if f == 1]
+        for i in heads:
+            if q[3 + 2 * i] >= MAX_COUNTER:
+                raise ProtocolError(f"inflight queue {self.index}: slot {i} counter {q[3 + 2 * i]:#x} "
+                                    f"is not below 2^63")
+        heads.sort(key=lambda i: q[3 + 2 * i])
+        return heads
 
     def recover(self, ring_used_idx: int) -> list[int]:
         """Repair a half-committed batch and return the heads still in
         flight, in fetch (counter) order.  A fresh region (version 0) is
         initialised and yields nothing.  ProtocolError if the region is
-        inconsistent (the front-end handed back something we did not write)."""
+        inconsistent (the front-end handed back something we did not
+        write); nothing in it is used then."""
         h = self._h
         if h[4] == 0:
             self.initialise(ring_used_idx)
             return []
-        if h[4] != VERSION:
-            raise ProtocolError(f"inflight queue {self.index}: version {h[4]}, expected {VERSION}")
-        n = h[5]
-        if n != self.capacity:
-            raise ProtocolError(f"inflight queue {self.index}: desc_num {n}, expected {self.capacity}")
-        b = self._b
+        self._check_header()
+        heads = self._inflight_heads()
+        n = self.capacity
         used = h[7]
         if used != ring_used_idx & 0xFFFF:
             missing = (ring_used_idx - used) & 0xFFFF
             if missing > n:
                 raise ProtocolError(f"inflight queue {self.index}: used_idx {used} is {missing} behind "
                                     f"the ring's used idx {ring_used_idx}, more than desc_num {n}")
+            batch = []
             i = h[6]
             for _ in range(missing):
                 if i >= n:
                     raise ProtocolError(f"inflight queue {self.index}: batch link {i} out of range {n}")
-                b[HEADER_SIZE + DESC_SIZE * i] = 0
+                batch.append(i)
                 i = h[11 + 8 * i]
+            # Validated whole before the first write: the last batch was published.
+            b = self._b
+            for i in batch:
+                b[HEADER_SIZE + DESC_SIZE * i] = 0
             h[7] = ring_used_idx & 0xFFFF
-        flags = b[HEADER_SIZE:HEADER_SIZE + DESC_SIZE * n:DESC_SIZE].tolist()
+            done = set(batch)
+            heads = [i for i in heads if i not in done]
         q = self._q
-        heads = sorted((i for i, f in enumerate(flags) if f == 1), key=lambda i: q[3 + 2 * i])
         self.counter = q[3 + 2 * heads[-1]] + 1 if heads else 0
         return heads
 
@@ -248,7 +261,14 @@ class InflightRegion:
         except BaseException:
             os.close(fd)
             raise
-        return cls(fd, mm, info)
+        region = cls(fd, mm, info)
+        try:
+            for index in range(region.num_queues):
+                region.queue(index).check()
+        except ProtocolError as exc:
+            region.close()
+            raise ProtocolError(f"SET_INFLIGHT_FD: {exc}") from None
+        return region
 
     def queue(self, index: int) -> InflightQueue:
         """The region of queue ``index`` (one object per index)."""

@@ -41,6 +41,14 @@ MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _U64_END = 1 << 64
 
 
+#: One region as the translation tables see it, ``(start, end, view,
+#: offset)``: guest byte ``a`` with ``start <= a < end`` lives at
+#: ``view[a - start + offset]`` (GPAs in the GPA table, QVAs in the QVA
+#: table).  A plain tuple, not a NamedTuple: unpacking and indexing an exact
+#: tuple are the interpreter's fast paths, and this is the hot path.
+RegionSpan = tuple[int, int, memoryview, int]
+
+
 class MappedRegion:
     """One mapped region.  ``view`` covers the whole mapping
     (``mmap_offset + memory_size`` bytes); guest byte ``gpa`` lives at
@@ -86,21 +94,23 @@ class MappedRegion:
 class GuestMemory:
     """The guest's memory as the front-end shared it.
 
-    ``gpa``/``qva`` are the hot path: a tuple scan of ``(start, end, view,
-    offset)`` entries with a one-entry cache of the last region hit (a
-    block request's buffers nearly always live in the same region).  The
-    virtqueue reads ``_gpa_last`` directly to translate inline.
+    ``gpa``/``qva`` are the hot path: a scan of ``RegionSpan`` tuples
+    with a one-entry cache of the last region hit (a block request's
+    buffers nearly always live in the same region).  The virtqueue
+    translates inline: it starts from ``last_gpa_region`` (a plain
+    attribute, read once per chain) and asks ``gpa_region`` when a buffer
+    lies elsewhere.
     """
 
     def __init__(self, max_regions: int = MAX_MEM_SLOTS) -> None:
         self.max_regions = max_regions
         self.regions: tuple[MappedRegion, ...] = ()
-        #: Bumped on every mapping change; rings are re-translated on change.
-        self.generation = 0
-        self._gpa_table: tuple[tuple[int, int, memoryview, int], ...] = ()
-        self._qva_table: tuple[tuple[int, int, memoryview, int], ...] = ()
-        self._gpa_last: tuple[int, int, memoryview, int] | None = None
-        self._qva_last: tuple[int, int, memoryview, int] | None = None
+        self._gpa_table: tuple[RegionSpan, ...] = ()
+        self._qva_table: tuple[RegionSpan, ...] = ()
+        #: The GPA region of the last ``gpa``/``gpa_region`` hit (None while
+        #: nothing is mapped); read-only for callers.
+        self.last_gpa_region: RegionSpan | None = None
+        self._qva_last: RegionSpan | None = None
 
     # ------------------------------------------------------------------ changes
 
@@ -173,26 +183,31 @@ class GuestMemory:
         self._gpa_table = tuple((r.guest_phys_addr, r.gpa_end, r.view, r.mmap_offset) for r in self.regions)
         self._qva_table = tuple(sorted(((r.userspace_addr, r.qva_end, r.view, r.mmap_offset)
                                         for r in self.regions), key=lambda e: e[0]))
-        self._gpa_last = self._gpa_table[0] if self._gpa_table else None
+        self.last_gpa_region = self._gpa_table[0] if self._gpa_table else None
         self._qva_last = self._qva_table[0] if self._qva_table else None
-        self.generation += 1
 
     # -------------------------------------------------------------- translation
 
     def gpa(self, addr: int, length: int) -> memoryview:
         """A writable zero-copy view of guest-physical ``[addr, addr+length)``,
         which must lie inside one region; GuestMemoryError otherwise."""
-        e = self._gpa_last
+        e = self.last_gpa_region
         if e is not None and e[0] <= addr and addr + length <= e[1] and length >= 0:
             o = addr - e[0] + e[3]
             return e[2][o:o + length]
+        e = self.gpa_region(addr, length)
+        o = addr - e[0] + e[3]
+        return e[2][o:o + length]
+
+    def gpa_region(self, addr: int, length: int) -> RegionSpan:
+        """The region holding guest-physical ``[addr, addr+length)`` whole,
+        which becomes ``last_gpa_region``; GuestMemoryError if none does."""
         if length >= 0:
             end = addr + length
             for e in self._gpa_table:
                 if e[0] <= addr and end <= e[1]:
-                    self._gpa_last = e
-                    o = addr - e[0] + e[3]
-                    return e[2][o:o + length]
+                    self.last_gpa_region = e
+                    return e
         raise GuestMemoryError(f"guest physical address {addr:#x} length {length} "
                                f"is not inside one guest memory region")
 

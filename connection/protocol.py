@@ -88,19 +88,6 @@ class FrontendReq(enum.IntEnum):
     CHECK_DEVICE_STATE = 43
 
 
-class BackendReq(enum.IntEnum):
-    """Requests the back-end sends on the SET_BACKEND_REQ_FD channel."""
-
-    IOTLB_MSG = 1
-    CONFIG_CHANGE_MSG = 2
-    VRING_HOST_NOTIFIER_MSG = 3
-    VRING_CALL = 4
-    VRING_ERR = 5
-    SHARED_OBJECT_ADD = 6
-    SHARED_OBJECT_REMOVE = 7
-    SHARED_OBJECT_LOOKUP = 8
-
-
 def request_name(request: int) -> str:
     """A readable name for a request code, also for codes we do not know."""
     try:
@@ -171,7 +158,6 @@ MEM_TABLE_HEADER = struct.Struct("=II")     # nregions, padding
 SINGLE_REGION = struct.Struct("=QQQQQ")     # padding, then one region
 LOG = struct.Struct("=QQ")                  # mmap_size, mmap_offset
 CONFIG_HEADER = struct.Struct("=III")       # offset, size, flags
-VRING_AREA = struct.Struct("=QQQ")          # index|flags, size, offset
 INFLIGHT = struct.Struct("=QQHH4x")         # C sizeof pads 20 bytes of fields to 24
 DEVICE_STATE = struct.Struct("=II")         # direction, phase
 SHARED_OBJECT = struct.Struct("=16s")

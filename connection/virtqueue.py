@@ -1,5 +1,17 @@
 """The device side of a split virtqueue (virtio 1.x, section 2.7).
 
+Two objects per queue, as crosvm's ``QueueConfig::activate()`` returning
+the running ``Queue``:
+
+* ``QueueConfig``: what the request handler sets (size, ring addresses,
+  base, kick/call/err eventfds, inflight region, enabled).  It owns the
+  fds.  ``activate(mem, features)`` maps the rings and returns
+* ``Virtqueue``: the running ring the device serves.  Its views into
+  guest memory exist from construction on; ``stop`` (through the config)
+  ends it for good, and a restart makes a new one.  Waiting for kicks and
+  adaptive polling live in ``connection.kick.KickWaiter``; the ring's wire
+  layout in ``connection.split_ring``.
+
 This is the hot path, so ring accesses are single C-level operations on
 views into guest memory, made once per ring mapping:
 
@@ -24,11 +36,12 @@ a notification, and after re-enabling kicks (``avail_event`` or clearing
 ``NO_NOTIFY``) we re-read ``avail.idx``.  There ``fence()`` executes a locked
 instruction (an uncontended lock acquire/release), which is a full barrier.
 
-A malformed chain (see ``_walk``) marks only this queue broken: it is logged
-once on ``vhost.virtqueue``, the err eventfd is signalled, ``pop`` returns
-None and ``wait_kick`` False until the queue is started again.  ``pop``
-never raises, and every buffer it hands out is a slice of a region's mapping,
-so a malicious guest cannot make the device touch memory outside what the
+A malformed chain (see ``_walk``), an inconsistent inflight region or a kick
+fd that cannot be drained marks only this queue broken: it is logged once on
+``vhost.virtqueue``, the err eventfd is signalled, ``pop`` returns None and
+``wait_kick`` False until the queue is started again.  ``pop`` never raises,
+and every buffer it hands out is a slice of a region's mapping, so a
+malicious guest cannot make the device touch memory outside what the
 front-end shared.
 """
 
@@ -37,61 +50,43 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import struct
 import sys
 import threading
-import time
 from collections.abc import Callable
 
+from . import split_ring as ring
 from .errors import GuestMemoryError, ProtocolError
 from .inflight import InflightQueue
+from .kick import POLL_MAX_NS, KickWaiter
 from .memory import GuestMemory
 from .protocol import VirtioFeature, VringAddr
+from .split_ring import (AVAIL_F_NO_INTERRUPT, DESC, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE,
+                         MAX_QUEUE_SIZE, USED_F_NO_NOTIFY, vring_need_event)
 
 if sys.byteorder != "little":  # pragma: no cover - the ring casts assume it
     raise ImportError("connection.virtqueue assumes a little-endian host")
 
+__all__ = ["DESC_F_INDIRECT", "DESC_F_NEXT", "DESC_F_WRITE", "MAX_INDIRECT", "MAX_QUEUE_SIZE", "POLL_MAX_NS",
+           "DescriptorChain", "QueueConfig", "Virtqueue", "fence", "vring_need_event"]
+
 log = logging.getLogger("vhost.virtqueue")
 
-DESC_F_NEXT = 1
-DESC_F_WRITE = 2
-DESC_F_INDIRECT = 4
-AVAIL_F_NO_INTERRUPT = 1
-USED_F_NO_NOTIFY = 1
-
-MAX_QUEUE_SIZE = 32768
 #: Largest indirect table we walk (QEMU caps a chain at 1024 buffers); a
 #: larger queue size raises it to the queue size.
 MAX_INDIRECT = 1024
-#: Adaptive polling of the avail ring before sleeping (QEMU's poll-max-ns idea).
-#: The bound must exceed one driver round trip (notify, wake-up of the
-#: driver's vCPU, its work, the next avail entry): ~70-110 us in the 2-vCPU
-#: VM of benchmarks/README.md.  At 50 us the window collapsed to 0 whenever a
-#: round trip took longer, and the device slept (and needed a kick) on every
-#: request; 200 us keeps it polling through a round trip and still turns
-#: polling off after any longer idle gap.
-POLL_MAX_NS = 200_000
-POLL_START_NS = 4_000
-#: An idle gap (poll plus sleep) of up to this many times the bound still
-#: counts as a busy driver, so the window grows (to at most the bound); a
-#: longer one turns polling off.  A driver whose round trip without polling
-#: is a little longer than the bound (a QEMU TCG guest: ~250 us, but ~130 us
-#: once the device polls and needs no kick) would otherwise never get into
-#: the polling regime: see benchmarks/README.md, guest fio.
-POLL_BUSY_GAP_FACTOR = 4
-#: Without a kick fd (NOFD flag) the ring is polled at this period.
-NOFD_POLL_PERIOD = 0.001
 
 _EVENTFD_ONE = (1).to_bytes(8, "little")
-#: One descriptor: le64 addr, le32 len, le16 flags, le16 next.  One
-#: unpack_from reads each field once (no double fetch) and is cheaper than
-#: indexing a cast view four times.
-DESC = struct.Struct("<QIHH")
+#: One unpack_from reads each descriptor field once (no double fetch) and is
+#: cheaper than indexing a cast view four times.
 _unpack_desc = DESC.unpack_from
 _fence_lock = threading.Lock()
-_perf_ns = time.perf_counter_ns
-#: Stands in for GuestMemory's last-region entry when no region is mapped.
+#: Stands in for GuestMemory's last region when no region is mapped.
 _NO_REGION = (1, 0, memoryview(b""), 0)
+#: What a stopped queue's views become: empty, so the guest's mappings are
+#: not kept alive by a queue that will never touch them again.
+_NO_BYTES = memoryview(b"")
+_NO_U16 = memoryview(b"").cast("H")
+_NO_U64 = memoryview(b"").cast("Q")
 
 
 def fence() -> None:
@@ -101,10 +96,12 @@ def fence() -> None:
     _fence_lock.release()
 
 
-def vring_need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
-    """virtio's ``vring_need_event``: does moving an index from ``old_idx``
-    to ``new_idx`` cross the other side's ``event_idx``?  (u16 arithmetic)"""
-    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 class DescriptorChain:
@@ -126,10 +123,14 @@ class DescriptorChain:
                 f"writable={len(self.writable)}/{self.writable_len}B)")
 
 
-class Virtqueue:
-    """Device side of one split ring.  Configured by the request handler
-    (``set_*``, ``start``, ``remap``, ``stop``), used by the device
-    (``wait_kick``, ``pop``, ``add_used``, ``flush``)."""
+# ----------------------------------------------------------------------------
+# Configuration
+
+
+class QueueConfig:
+    """One queue as the request handler configures it (SET_VRING_*,
+    SET_INFLIGHT_FD); owns the kick, call and err fds.  ``activate`` starts
+    the ring and returns it; ``stop`` ends it and remembers where it was."""
 
     def __init__(self, index: int, max_size: int, loop: asyncio.AbstractEventLoop, *,
                  name: str = "") -> None:
@@ -141,63 +142,36 @@ class Virtqueue:
         #: Device name for log lines (``device=NAME`` first).
         self.name = name
         self.size = 0
-        self.broken = False
-        self.enabled = False
-        self.started = False
-        #: Reason of the last ``mark_broken`` (None while healthy).
-        self.broken_reason: str | None = None
-        #: Called instead of the call eventfd when none is set (e.g. in-band
-        #: notifications over the back-end channel).
-        self.call_hook: Callable[[], None] | None = None
-        #: Current and maximum adaptive poll window (0 disables polling).
-        self.poll_ns = 0
-        self.poll_max_ns = POLL_MAX_NS
+        self.addr: VringAddr | None = None
+        #: Next avail index: SET_VRING_BASE, or where the last run stopped.
+        self.base = 0
+        self.kick_fd: int | None = None
+        self.call_fd: int | None = None
+        self.err_fd: int | None = None
+        self.inflight: InflightQueue | None = None
+        #: The running ring (``activate`` .. ``stop``), broken or not.
+        self.running: Virtqueue | None = None
+        self._enabled = False
 
-        self._addr: VringAddr | None = None
-        self._kick_fd: int | None = None
-        self._call_fd: int | None = None
-        self._err_fd: int | None = None
-        self._inflight: InflightQueue | None = None
-        self._mem: GuestMemory | None = None
-        self._ready = False          # started and not broken
-        self._desc: memoryview | None = None
-        self._avail: memoryview | None = None
-        self._used_h: memoryview | None = None
-        self._used_ring: memoryview | None = None
-        self._mask = 0
-        self._used_event_i = 0
-        self._avail_event_i = 0
-        self._max_indirect = MAX_INDIRECT
-        self._event_idx = False
-        self._indirect_ok = False
-        self._notify_on_empty = False
-        self._last_avail = 0         # next avail slot to take
-        self._shadow_avail = 0       # last avail.idx read
-        self._used_idx = 0           # used.idx as published
-        self._signalled = 0          # used.idx at the last notification decision
-        self._used_shadow = 0        # used.idx including unpublished elements
-        self._inuse = 0              # popped, not yet add_used
-        self._resubmit: list[int] = []   # inflight heads, highest counter first
-        self._batch: list[int] = []      # heads of the unpublished batch (inflight only)
-        self._kicked = False
-        self._waiter: asyncio.Future[None] | None = None
-        self._reader_fd: int | None = None
-        #: Start of the current idle gap (perf_counter_ns, before the poll), for
-        #: the adaptive window.
-        self._sleep_t0 = 0
-        #: Set by the device's serving task while it sleeps in ``wait_kick``:
-        #: a kick then drains the ring synchronously in the kick fd's reader
-        #: callback (``_serve_inline``) instead of waking the task, which saves
-        #: the future/task-resumption layers on every wake-up.  The device
-        #: clears it (synchronously) in ``stop_queue``; the task is still what
-        #: stop and broken-queue semantics are built on.
-        self.serve_hook: Callable[[], None] | None = None
+    @property
+    def started(self) -> bool:
+        return self.running is not None
 
-    # ------------------------------------------------------------ configuration
+    @property
+    def enabled(self) -> bool:
+        """SET_VRING_ENABLE (or SET_FEATURES without PROTOCOL_FEATURES);
+        mirrored on the running ring for the device."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = value
+        if self.running is not None:
+            self.running.enabled = value
 
     def set_size(self, num: int) -> None:
         """SET_VRING_NUM: a power of two in ``[1, max_size]``."""
-        if self.started:
+        if self.running is not None:
             raise ProtocolError(f"SET_VRING_NUM: queue {self.index} is started")
         if not 1 <= num <= self.max_size or num & (num - 1):
             raise ProtocolError(f"SET_VRING_NUM: queue {self.index} num {num} is not a power of two "
@@ -205,115 +179,88 @@ class Virtqueue:
         self.size = num
 
     def set_addresses(self, addr: VringAddr) -> None:
-        """SET_VRING_ADDR: ring QVAs, translated at ``start`` (or now, if the
-        queue is running: the front-end may move rings, e.g. for logging)."""
-        self._addr = addr
-        if self.started and self._mem is not None:
-            self._map_rings(self._mem)
+        """SET_VRING_ADDR: ring QVAs, translated at ``activate`` (or now, if
+        the queue is running: the front-end may move rings, e.g. for logging)."""
+        if self.running is not None:
+            self.running.map_rings(addr)
+        self.addr = addr
 
     def set_base(self, num: int) -> None:
         """SET_VRING_BASE: the next avail index to process."""
-        if self.started:
+        if self.running is not None:
             raise ProtocolError(f"SET_VRING_BASE: queue {self.index} is started")
         if not 0 <= num <= 0xFFFF:
             raise ProtocolError(f"SET_VRING_BASE: queue {self.index} num {num} is not a u16")
-        self._last_avail = self._shadow_avail = num
+        self.base = num
 
     def set_kick_fd(self, fd: int | None) -> None:
-        """Take ownership of the kick eventfd (closing the old one).  The fd
-        is made non-blocking; a new fd counts as a kick, so a request the
-        driver queued while we had no fd is not left waiting."""
-        self._unregister_reader()
-        _close(self._kick_fd)
-        self._kick_fd = fd
+        """Take ownership of the kick eventfd (closing the old one), made
+        non-blocking.  None: no fd (NOFD), the running ring polls."""
         if fd is not None:
             os.set_blocking(fd, False)
-        self._register_reader()
-        self._wake(kicked=True)
+        old, self.kick_fd = self.kick_fd, fd
+        if self.running is not None:
+            self.running._kick.set_fd(fd, watch=not self.running.broken)
+        _close(old)
 
     def set_call_fd(self, fd: int | None) -> None:
-        _close(self._call_fd)
-        self._call_fd = fd
+        old, self.call_fd = self.call_fd, fd
+        if self.running is not None:
+            self.running._call_fd = fd
+        _close(old)
 
     def set_err_fd(self, fd: int | None) -> None:
-        _close(self._err_fd)
-        self._err_fd = fd
+        """SET_VRING_ERR.  A ring that is already broken (e.g. by its
+        inflight region at start, before the front-end sent this) signals
+        the new fd at once: broken is a state, not an event to miss."""
+        old, self.err_fd = self.err_fd, fd
+        running = self.running
+        if running is not None:
+            running._err_fd = fd
+            if running.broken:
+                running._signal_err()
+        _close(old)
 
     def set_inflight(self, region: InflightQueue | None) -> None:
-        """The queue's inflight region (SET_INFLIGHT_FD); used from ``start``."""
-        self._inflight = region
+        """The queue's inflight region (SET_INFLIGHT_FD); used by ``activate``."""
+        self.inflight = region
 
-    def start(self, mem: GuestMemory, features: int) -> None:
-        """Map the rings and begin serving.  With an inflight region, repair
-        a half-published batch and queue the in-flight heads for
-        resubmission (counter order), with ``last_avail = used_idx +
-        in-flight`` as the spec says.  ProtocolError if the rings cannot be
-        mapped or the inflight region does not fit the queue."""
-        if self.started:
+    def activate(self, mem: GuestMemory, features: int) -> Virtqueue:
+        """Map the rings and return the running ring.  ProtocolError if the
+        queue is not configured, the rings cannot be mapped or the inflight
+        region is smaller than the ring; OSError if the kick fd cannot be
+        polled.  An inflight region whose contents are inconsistent gives
+        a ring that is broken from the start (the front-end's data, like the
+        ring itself)."""
+        if self.running is not None:
             raise ProtocolError(f"queue {self.index}: already started")
         if not self.size:
             raise ProtocolError(f"queue {self.index}: started without SET_VRING_NUM")
-        if self._addr is None:
+        if self.addr is None:
             raise ProtocolError(f"queue {self.index}: started without SET_VRING_ADDR")
-        inflight = self._inflight
+        inflight = self.inflight
         if inflight is not None and inflight.capacity < self.size:
             raise ProtocolError(f"queue {self.index}: inflight queue_size {inflight.capacity} "
                                 f"< vring num {self.size}")
-        self._mem = mem
-        self._map_rings(mem)
-        self._event_idx = bool(features & VirtioFeature.RING_EVENT_IDX)
-        self._indirect_ok = bool(features & VirtioFeature.RING_INDIRECT_DESC)
-        self._notify_on_empty = bool(features & VirtioFeature.NOTIFY_ON_EMPTY)
-        self._max_indirect = max(MAX_INDIRECT, self.size)
-        self._used_idx = self._used_shadow = self._signalled = self._used_h[1]  # type: ignore[index]
-        self._inuse = 0
-        self._resubmit = []
-        self._batch = []
-        if inflight is not None:
-            fresh = inflight.version == 0
-            heads = inflight.recover(self._used_idx)
-            bad = [h for h in heads if h >= self.size]
-            if bad:
-                raise ProtocolError(f"queue {self.index}: inflight head {bad[0]} >= vring num {self.size}")
-            if not fresh:
-                self._resubmit = heads[::-1]
-                self._inuse = len(heads)
-                self._last_avail = self._shadow_avail = (self._used_idx + len(heads)) & 0xFFFF
-        self.broken = False
-        self.broken_reason = None
-        self.started = True
-        self._ready = True
-        self._kicked = True  # look at the ring once, whatever happened before
-        self._suppress_notify()  # busy until the first wait_kick sleeps
-        self._register_reader()
+        queue = Virtqueue(self, mem, features)
+        if not queue.broken:
+            queue._kick.watch()
+        self.running = queue
+        return queue
 
     def remap(self, mem: GuestMemory) -> None:
-        """Re-translate the ring pointers after a memory-table change; a ring
+        """Re-translate the running ring after a memory-table change; a ring
         that is no longer mapped breaks the queue."""
-        self._mem = mem
-        if self.started:
-            try:
-                self._map_rings(mem)
-            except ProtocolError as exc:
-                self.mark_broken(str(exc))
+        if self.running is not None:
+            self.running.remap(mem)
 
     def stop(self) -> int:
-        """Stop (GET_VRING_BASE): publish what was completed, drop the ring
-        views, wake a waiter (it returns False); returns the next avail index."""
-        if self.started:
-            try:
-                self.flush()
-            except Exception:  # noqa: BLE001 - stopping must not fail on a bad ring
-                log.exception("%squeue %d: flush on stop failed", self._prefix(), self.index)
-            self.started = False
-            self._ready = False
-            self._unregister_reader()
-            self._desc = self._avail = self._used_h = self._used_ring = None
-            self._resubmit = []
-            self._batch = []
-            self._inuse = 0
-            self._wake(kicked=False)
-        return self._last_avail
+        """Stop the running ring (GET_VRING_BASE): it publishes what was
+        completed and wakes its waiter; returns the next avail index."""
+        queue, self.running = self.running, None
+        if queue is not None:
+            self.base = queue.stop()
+        return self.base
 
     def close(self) -> None:
         """Stop and close the kick, call and err fds (idempotent)."""
@@ -321,8 +268,160 @@ class Virtqueue:
         self.set_kick_fd(None)
         self.set_call_fd(None)
         self.set_err_fd(None)
+        self.inflight = None
+
+
+# ----------------------------------------------------------------------------
+# The running ring
+
+
+class Virtqueue:
+    """A running split ring, made by ``QueueConfig.activate`` and used by
+    the device (``wait_kick``, ``pop``, ``add_used``, ``flush``).  Once
+    stopped or broken it hands out nothing and writes nothing."""
+
+    # Slots: the hot path reads a dozen of these per request, and a slot is
+    # the interpreter's fastest attribute (a dict of this many keys is not).
+    __slots__ = ("index", "size", "name", "enabled", "broken", "broken_reason", "serve_hook",
+                 "_call_fd", "_err_fd", "_mem", "_inflight", "_kick", "_event_idx", "_indirect_ok",
+                 "_notify_on_empty", "_max_indirect", "_mask", "_used_event_i", "_avail_event_i",
+                 "_desc", "_avail", "_used_h", "_used_ring", "_addr", "_ready", "_stopped",
+                 "_last_avail", "_shadow_avail", "_used_idx", "_used_shadow", "_signalled", "_inuse",
+                 "_resubmit", "_batch")
+
+    def __init__(self, config: QueueConfig, mem: GuestMemory, features: int) -> None:
+        self.index = config.index
+        self.size = q = config.size
+        #: Device name for log lines (``device=NAME`` first).
+        self.name = config.name
+        self.enabled = config.enabled
+        self.broken = False
+        #: Reason of ``mark_broken`` (None while healthy).
+        self.broken_reason: str | None = None
+        #: Set by the device's serving task while it sleeps in ``wait_kick``:
+        #: a kick then drains the ring synchronously in the kick fd's reader
+        #: callback (``_serve_inline``) instead of waking the task, which saves
+        #: the future/task-resumption layers on every wake-up.  The device
+        #: clears it (synchronously) in ``stop_queue``; the task is still what
+        #: stop and broken-queue semantics are built on.
+        self.serve_hook: Callable[[], None] | None = None
+        self._call_fd = config.call_fd
+        self._err_fd = config.err_fd
+        self._mem = mem
+        self._inflight = config.inflight
+        self._kick = KickWaiter(config.loop, config.kick_fd, self._on_kick, self._kick_failed)
+        self._event_idx = bool(features & VirtioFeature.RING_EVENT_IDX)
+        self._indirect_ok = bool(features & VirtioFeature.RING_INDIRECT_DESC)
+        self._notify_on_empty = bool(features & VirtioFeature.NOTIFY_ON_EMPTY)
+        self._max_indirect = max(MAX_INDIRECT, q)
+        self._mask = q - 1
+        self._used_event_i = ring.used_event_index(q)
+        self._avail_event_i = ring.avail_event_index(q)
+        self._desc = _NO_BYTES
+        self._avail = _NO_U16
+        self._used_h = _NO_U16
+        self._used_ring = _NO_U64
+        addr = config.addr
+        if addr is None:
+            raise ProtocolError(f"queue {self.index}: started without SET_VRING_ADDR")
+        self._addr = addr
+        self.map_rings(addr)
+        self._ready = True           # running and not broken
+        self._stopped = False
+        self._last_avail = self._shadow_avail = config.base   # next avail slot; last avail.idx read
+        self._used_idx = self._used_shadow = self._signalled = self._used_h[1]
+        self._inuse = 0              # popped, not yet add_used
+        self._resubmit: list[int] = []   # inflight heads, highest counter first
+        self._batch: list[int] = []      # heads of the unpublished batch (inflight only)
+        if self._inflight is not None:
+            self._recover_inflight(self._inflight)
+        self._suppress_notify()  # busy until the first wait_kick sleeps
+
+    def _recover_inflight(self, inflight: InflightQueue) -> None:
+        """Repair a half-published batch and queue the in-flight heads for
+        resubmission (counter order), with ``last_avail = used_idx +
+        in-flight`` as the spec says.  A region that does not check out
+        breaks the queue: nothing in it is used."""
+        fresh = inflight.version == 0
+        try:
+            heads = inflight.recover(self._used_idx)
+        except ProtocolError as exc:
+            self.mark_broken(str(exc))
+            return
+        bad = [h for h in heads if h >= self.size]
+        if bad:
+            self.mark_broken(f"inflight queue {self.index}: head {bad[0]} >= vring num {self.size}")
+            return
+        if not fresh:
+            self._resubmit = heads[::-1]
+            self._inuse = len(heads)
+            self._last_avail = self._shadow_avail = (self._used_idx + len(heads)) & 0xFFFF
+
+    # ---------------------------------------------------------------- rings
+
+    def map_rings(self, addr: VringAddr) -> None:
+        """Translate the ring QVAs in this queue's memory; ProtocolError
+        naming the ring if one is misaligned or not mapped."""
+        q = self.size
+        mem = self._mem
+        for field, value, align in (("desc", addr.desc, ring.DESC_ALIGN), ("avail", addr.avail, ring.AVAIL_ALIGN),
+                                    ("used", addr.used, ring.USED_ALIGN)):
+            if value % align:
+                raise ProtocolError(f"SET_VRING_ADDR: queue {self.index} {field} address {value:#x} "
+                                    f"is not {align}-byte aligned")
+        try:
+            desc = mem.qva(addr.desc, ring.desc_table_size(q))
+        except GuestMemoryError as exc:
+            raise ProtocolError(f"SET_VRING_ADDR: queue {self.index} desc: {exc}") from None
+        try:
+            avail = mem.qva(addr.avail, ring.avail_ring_size(q)).cast("H")
+        except GuestMemoryError as exc:
+            raise ProtocolError(f"SET_VRING_ADDR: queue {self.index} avail: {exc}") from None
+        try:
+            used = mem.qva(addr.used, ring.used_ring_size(q))
+        except GuestMemoryError as exc:
+            raise ProtocolError(f"SET_VRING_ADDR: queue {self.index} used: {exc}") from None
+        off = ring.USED_RING_OFFSET
+        self._desc = desc
+        self._avail = avail
+        self._used_h = used.cast("H")
+        self._used_ring = used[off:off + ring.USED_ELEM_SIZE * q].cast("Q")
+        self._addr = addr
+
+    def remap(self, mem: GuestMemory) -> None:
+        """Re-translate the rings after a memory-table change; a ring that
+        is no longer mapped breaks the queue."""
+        self._mem = mem
+        if not self._stopped:
+            try:
+                self.map_rings(self._addr)
+            except ProtocolError as exc:
+                self.mark_broken(str(exc))
+
+    def stop(self) -> int:
+        """End this ring (called by ``QueueConfig.stop``, not by devices):
+        publish what was completed,
+        drop the views into guest memory, wake a waiter (it returns False).
+        Returns the next avail index."""
+        if self._ready:
+            try:
+                self.flush()
+            except Exception:  # noqa: BLE001 - stopping must not fail on a bad ring
+                log.exception("%squeue %d: flush on stop failed", self._prefix(), self.index)
+        self._ready = False
+        self._stopped = True
+        self._kick.unwatch()
+        # The config owns (and may now close) the fds; the views keep guest
+        # and inflight mappings alive.  A device still holding this object
+        # reaches none of them.
+        self._kick.fd = self._call_fd = self._err_fd = None
         self._inflight = None
-        self._mem = None
+        self._desc, self._avail, self._used_h, self._used_ring = _NO_BYTES, _NO_U16, _NO_U16, _NO_U64
+        self._resubmit = []
+        self._batch = []
+        self._inuse = 0
+        self._kick.wake(kicked=False)
+        return self._last_avail
 
     # ---------------------------------------------------------------- device
 
@@ -337,7 +436,7 @@ class Virtqueue:
             last = self._last_avail
             avail = self._avail
             if last == self._shadow_avail:
-                idx = avail[1]  # type: ignore[index]
+                idx = avail[1]
                 if idx == last:
                     return None
                 if (idx - last) & 0xFFFF > self.size:
@@ -345,7 +444,7 @@ class Virtqueue:
                                      f"ahead of {last}")
                     return None
                 self._shadow_avail = idx
-            head = avail[2 + (last & self._mask)]  # type: ignore[index]
+            head = avail[2 + (last & self._mask)]
             chain = self._walk(head)
             if chain is None:
                 return None
@@ -368,8 +467,8 @@ class Virtqueue:
         between its check and its use.
 
         The common case, a buffer inside the region of the previous hit, is
-        translated inline from ``GuestMemory``'s last-region entry; anything
-        else goes through ``gpa``/``gpa_views``."""
+        translated inline from ``GuestMemory.last_gpa_region``; anything
+        else goes through ``gpa_views``/``gpa_region``."""
         size = self.size
         if head >= size:
             return self._fail(f"head {head} out of range (size {size})")
@@ -383,7 +482,7 @@ class Virtqueue:
         writable: list[memoryview] = []
         rlen = wlen = 0
         unpack = _unpack_desc
-        r_start, r_end, r_view, r_off = mem._gpa_last or _NO_REGION  # type: ignore[union-attr]
+        r_start, r_end, r_view, r_off = mem.last_gpa_region or _NO_REGION
         while True:  # once for the ring's table, once more for an indirect table
             for _ in range(limit):  # bounded: a longer chain is a loop
                 addr, length, flags, nxt = unpack(table, tbase + 16 * i)
@@ -395,9 +494,10 @@ class Virtqueue:
                         table = r_view  # read the table in place
                         tbase = addr - r_start + r_off
                     else:
-                        table = self._indirect_table(head, addr, length)
-                        if table is None:
+                        found = self._indirect_table(head, addr, length)
+                        if found is None:
                             return None
+                        table = found
                         tbase = 0
                     limit = length >> 4
                     in_table = True
@@ -415,12 +515,11 @@ class Virtqueue:
                         rlen += length
                 else:  # another region, or straddling regions, or outside memory
                     try:
-                        views = mem.gpa_views(addr, length)  # type: ignore[union-attr]
+                        views = mem.gpa_views(addr, length)
                     except GuestMemoryError as exc:
                         return self._fail(f"head {head}: descriptor {i}: {exc}")
-                    if len(views) == 1:
-                        mem.gpa(addr, length)  # type: ignore[union-attr]  # moves the last-region cache
-                        r_start, r_end, r_view, r_off = mem._gpa_last  # type: ignore[union-attr, misc]
+                    if len(views) == 1:  # inside one region: translate the next ones inline
+                        r_start, r_end, r_view, r_off = mem.gpa_region(addr, length)
                     if flags & 2:
                         writable.extend(views)
                         wlen += length
@@ -461,11 +560,11 @@ class Virtqueue:
         when it straddles regions (as QEMU does)."""
         mem = self._mem
         try:
-            return mem.gpa(addr, length)  # type: ignore[union-attr]
+            return mem.gpa(addr, length)
         except GuestMemoryError:
             pass
         try:
-            return memoryview(b"".join(mem.gpa_views(addr, length)))  # type: ignore[union-attr]
+            return memoryview(b"".join(mem.gpa_views(addr, length)))
         except GuestMemoryError as exc:
             return self._fail(f"head {head}: indirect table: {exc}")
 
@@ -480,7 +579,7 @@ class Virtqueue:
         if not self._ready:
             return
         i = self._used_shadow
-        self._used_ring[i & self._mask] = head | (written << 32)  # type: ignore[index]
+        self._used_ring[i & self._mask] = head | (written << 32)
         self._used_shadow = (i + 1) & 0xFFFF
         self._inuse -= 1
         if self._inflight is not None:
@@ -503,7 +602,7 @@ class Virtqueue:
             inflight = self._inflight
             if inflight is not None:
                 inflight.link_batch(self._batch)
-            self._used_h[1] = new  # type: ignore[index]
+            self._used_h[1] = new
             self._used_idx = new
             if inflight is not None:
                 inflight.commit_batch(self._batch, new)
@@ -515,10 +614,10 @@ class Virtqueue:
         fence()
         avail = self._avail
         if self._event_idx:
-            need = ((new - avail[self._used_event_i] - 1) & 0xFFFF) < ((new - old) & 0xFFFF)  # type: ignore[index]
+            need = ((new - avail[self._used_event_i] - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
         else:
-            need = not avail[0] & AVAIL_F_NO_INTERRUPT  # type: ignore[index]
-        if not need and self._notify_on_empty and not self._inuse and avail[1] == self._last_avail:  # type: ignore[index]
+            need = not avail[0] & AVAIL_F_NO_INTERRUPT
+        if not need and self._notify_on_empty and not self._inuse and avail[1] == self._last_avail:
             need = True
         if need:
             self.notify()
@@ -528,95 +627,69 @@ class Virtqueue:
         self.flush(False)
 
     def notify(self) -> None:
-        """Signal the driver (call eventfd, else ``call_hook``) unconditionally."""
+        """Signal the driver through the call eventfd, unconditionally (none set: nothing)."""
         fd = self._call_fd
         if fd is not None:
             try:
                 os.write(fd, _EVENTFD_ONE)
             except OSError:
                 pass
-        elif self.call_hook is not None:
-            self.call_hook()
-
-    def kick(self) -> None:
-        """The driver kicked in-band (VRING_KICK): wake ``wait_kick``."""
-        self._wake(kicked=True)
 
     async def wait_kick(self) -> bool:
         """Wait until the avail ring may hold work; False once the queue is
         stopped or broken.
 
-        Before sleeping, poll ``avail.idx`` for up to ``poll_ns``: the window
-        grows (to ``poll_max_ns``) while the idle gaps (poll plus sleep) stay
-        within ``POLL_BUSY_GAP_FACTOR`` times that bound, and drops to zero
-        after a longer gap (idle); see ``_slept``.  While the device is busy,
-        kicks stay suppressed (stale ``avail_event`` with EVENT_IDX,
+        Before sleeping, poll ``avail.idx`` for up to the adaptive window
+        (``KickWaiter.poll``/``slept``).  While the device is busy, kicks
+        stay suppressed (stale ``avail_event`` with EVENT_IDX,
         ``used.flags = NO_NOTIFY`` without); they are re-armed just before
         sleeping, followed by a fence and a re-check of ``avail.idx`` so a
-        request published in between is not missed.  One waiter per queue (the device's task)."""
+        request published in between is not missed.  One waiter per queue
+        (the device's task)."""
         if not self._ready:
             return False
-        if self._kicked or self._resubmit:
-            self._kicked = False
+        kick = self._kick
+        if kick.kicked or self._resubmit:
+            kick.kicked = False
             return True
         if self._work_before_sleep():
             return True
-        last = self._last_avail
-        fut = self.loop.create_future()
-        self._waiter = fut
-        try:
-            if self._kick_fd is None:
-                # NOFD: the front-end asked us to poll the ring.
-                while not fut.done() and self._ready and self._avail[1] == last:  # type: ignore[index]
-                    await asyncio.sleep(NOFD_POLL_PERIOD)
-            else:
-                await fut
-        finally:
-            self._waiter = None
-        self._slept()
+        await kick.sleep(self._idle)
+        kick.slept()
         if not self._ready:
             return False
-        self._kicked = False
+        kick.kicked = False
         self._suppress_notify()
         return True
 
+    def _idle(self) -> bool:
+        """NOFD mode: nothing new on the avail ring yet."""
+        return self._ready and self._avail[1] == self._last_avail
+
     def _work_before_sleep(self) -> bool:
         """The checks before sleeping: True if the avail ring has work (found
-        at once or by polling up to ``poll_ns``; kicks stay suppressed);
-        False once kicks are re-armed, fenced and the ring re-checked empty."""
+        at once or by polling; kicks stay suppressed); False once kicks are
+        re-armed, fenced and the ring re-checked empty."""
         avail = self._avail
         last = self._last_avail
-        if avail[1] != last:  # type: ignore[index]
+        if avail[1] != last or self._kick.poll(avail, last):
             return True
-        window = self.poll_ns
-        t0 = _perf_ns()
-        if window:
-            deadline = t0 + window
-            while avail[1] == last:  # type: ignore[index]
-                if _perf_ns() >= deadline:
-                    break
-            else:
-                return True
         self._arm_notify()
         fence()
-        if avail[1] != last:  # type: ignore[index]
+        if avail[1] != last:
             self._suppress_notify()
             return True
-        self._sleep_t0 = t0  # idle since t0: the poll counts (as QEMU's block_ns)
         return False
 
-    def _slept(self) -> None:
-        """Adapt the poll window to the idle time that just ended (poll plus
-        sleep, as QEMU's ``block_ns``): grow it (doubling, at most to
-        ``poll_max_ns``) when it was at most ``POLL_BUSY_GAP_FACTOR`` times
-        the bound, i.e. the driver is busy and a full window would have
-        caught its next request or come close; drop it to 0 after a longer
-        gap (idle)."""
-        blocked = _perf_ns() - self._sleep_t0
-        if blocked > self.poll_max_ns * POLL_BUSY_GAP_FACTOR:
-            self.poll_ns = 0
-        elif self.poll_max_ns:
-            self.poll_ns = min(self.poll_max_ns, max(POLL_START_NS, self.poll_ns * 2))
+    def _on_kick(self) -> None:
+        """The kick fd fired (and was drained): serve inline when the task
+        sleeps with a hook, else wake the task."""
+        kick = self._kick
+        hook = self.serve_hook
+        if hook is not None and self._ready and kick.sleeping and not self._resubmit:
+            self._serve_inline(hook)
+        else:
+            kick.wake(kicked=True)
 
     def _serve_inline(self, hook: Callable[[], None]) -> None:
         """A kick while the serving task sleeps: drain the ring here (the
@@ -624,14 +697,15 @@ class Virtqueue:
         and return to the loop with the task still asleep.  An exception
         breaks this queue only (as the device's task guard does); breaking
         or stopping wakes the task, which then ends."""
-        self._slept()
-        self._kicked = False
+        kick = self._kick
+        kick.slept()
+        kick.kicked = False
         self._suppress_notify()
         try:
             while True:
                 hook()
                 if not self._ready or self.serve_hook is not hook:
-                    self._wake(kicked=True)  # broken (already woken) or hook withdrawn
+                    kick.wake(kicked=True)  # broken (already woken) or hook withdrawn
                     return
                 if not self._work_before_sleep():
                     break
@@ -639,23 +713,49 @@ class Virtqueue:
             log.error("%squeue %d serving failed: %r; queue marked broken", self._prefix(), self.index, exc)
             self.mark_broken(f"device error: {exc!r}")
 
+    def _kick_failed(self, reason: str) -> None:
+        self.mark_broken(reason)
+
     def mark_broken(self, reason: str) -> None:
-        """Stop serving this queue because of the guest: logged once, err fd
-        signalled, waiters woken.  Other queues are unaffected."""
+        """Stop serving this queue because of the guest or front-end: logged
+        once, err fd signalled, kicks no longer watched, waiters woken.
+        Other queues are unaffected."""
         if self.broken:
             return
         self.broken = True
         self.broken_reason = reason
         self._ready = False
+        self._kick.unwatch()
         log.error("%squeue %d broken: %s", self._prefix(), self.index, reason)
+        self._signal_err()
+        self._kick.wake(kicked=False)
+
+    def _signal_err(self) -> None:
         if self._err_fd is not None:
             try:
                 os.write(self._err_fd, _EVENTFD_ONE)
             except OSError:
                 pass
-        self._wake(kicked=False)
 
-    # ---------------------------------------------------------------- helpers
+    # ---------------------------------------------------------------- state
+
+    @property
+    def poll_max_ns(self) -> int:
+        """Bound of the adaptive poll window (0: never poll); a device option."""
+        return self._kick.poll_max_ns
+
+    @poll_max_ns.setter
+    def poll_max_ns(self, value: int) -> None:
+        self._kick.poll_max_ns = value
+
+    @property
+    def poll_ns(self) -> int:
+        """The current adaptive poll window."""
+        return self._kick.poll_ns
+
+    @poll_ns.setter
+    def poll_ns(self, value: int) -> None:
+        self._kick.poll_ns = value
 
     @property
     def last_avail_idx(self) -> int:
@@ -680,86 +780,12 @@ class Virtqueue:
     def _prefix(self) -> str:
         return f"device={self.name} " if self.name else ""
 
-    def _map_rings(self, mem: GuestMemory) -> None:
-        addr = self._addr
-        q = self.size
-        if addr is None or not q:
-            raise ProtocolError(f"queue {self.index}: rings not configured")
-        for field, value, align in (("desc", addr.desc, 16), ("avail", addr.avail, 2), ("used", addr.used, 4)):
-            if value % align:
-                raise ProtocolError(f"SET_VRING_ADDR: queue {self.index} {field} address {value:#x} "
-                                    f"is not {align}-byte aligned")
-        try:
-            desc = mem.qva(addr.desc, 16 * q)
-        except GuestMemoryError as exc:
-            raise ProtocolError(f"SET_VRING_ADDR: queue {self.index} desc: {exc}") from None
-        try:
-            avail = mem.qva(addr.avail, 6 + 2 * q).cast("H")
-        except GuestMemoryError as exc:
-            raise ProtocolError(f"SET_VRING_ADDR: queue {self.index} avail: {exc}") from None
-        try:
-            used = mem.qva(addr.used, 6 + 8 * q)
-        except GuestMemoryError as exc:
-            raise ProtocolError(f"SET_VRING_ADDR: queue {self.index} used: {exc}") from None
-        self._desc = desc
-        self._avail = avail
-        self._used_h = used.cast("H")
-        self._used_ring = used[4:4 + 8 * q].cast("Q")
-        self._mask = q - 1
-        self._used_event_i = 2 + q
-        self._avail_event_i = 2 + 4 * q
-
     def _arm_notify(self) -> None:
         if self._event_idx:
-            self._used_h[self._avail_event_i] = self._last_avail  # type: ignore[index]
+            self._used_h[self._avail_event_i] = self._last_avail
         else:
-            self._used_h[0] = 0  # type: ignore[index]
+            self._used_h[0] = 0
 
     def _suppress_notify(self) -> None:
         if not self._event_idx and self._ready:
-            self._used_h[0] = USED_F_NO_NOTIFY  # type: ignore[index]
-
-    def _wake(self, kicked: bool) -> None:
-        if kicked:
-            self._kicked = True
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    def _on_kick(self) -> None:
-        fd = self._kick_fd
-        if fd is None:
-            return
-        try:
-            os.read(fd, 8)
-        except BlockingIOError:
-            pass
-        except OSError as exc:
-            log.error("%squeue %d: reading kick fd %d: %s", self._prefix(), self.index, fd, exc)
-            self._unregister_reader()
-        hook = self.serve_hook
-        w = self._waiter
-        if hook is not None and w is not None and not w.done() and self._ready and not self._resubmit:
-            self._serve_inline(hook)
-        else:
-            self._wake(kicked=True)
-
-    def _register_reader(self) -> None:
-        if self.started and self._kick_fd is not None and self._reader_fd is None:
-            self.loop.add_reader(self._kick_fd, self._on_kick)
-            self._reader_fd = self._kick_fd
-
-    def _unregister_reader(self) -> None:
-        fd = self._reader_fd
-        if fd is not None:
-            self._reader_fd = None
-            if not self.loop.is_closed():
-                self.loop.remove_reader(fd)
-
-
-def _close(fd: int | None) -> None:
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
+            self._used_h[0] = USED_F_NO_NOTIFY

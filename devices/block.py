@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 
 from connection.executor import Executor
 from connection.protocol import ProtocolFeature, VirtioFeature
-from connection.virtqueue import POLL_MAX_NS
+from connection.kick import POLL_MAX_NS
 
 from . import diskfile
 from .base import DeviceBuilder, QueueTaskDevice

@@ -72,7 +72,6 @@ import mmap
 import os
 import select
 import socket
-import struct
 import sys
 import threading
 import time
@@ -86,18 +85,14 @@ from connection.protocol import (CONFIG_HEADER, FLAG_NEED_REPLY, VERSION, Fronte
                                  request_name, vring_fd_payload)
 from connection.transport import MessageSocket
 
+# The split ring's wire layout, shared with the device side.
+from connection.split_ring import (DESC, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DESC_SIZE,
+                                   USED_F_NO_NOTIFY, vring_need_event)
+
 assert sys.byteorder == "little", "virtio rings are little-endian; this driver writes them natively"
 
 # --------------------------------------------------------------------------
 # Constants
-
-DESC = struct.Struct("<QIHH")   # addr, len, flags, next
-DESC_SIZE = DESC.size
-DESC_F_NEXT = 1
-DESC_F_WRITE = 2
-DESC_F_INDIRECT = 4
-AVAIL_F_NO_INTERRUPT = 1
-USED_F_NO_NOTIFY = 1
 
 #: Transport features this driver implements (device-specific bits 0..23 are all accepted).
 DRIVER_FEATURES = (VirtioFeature.NOTIFY_ON_EMPTY | VirtioFeature.ANY_LAYOUT | VirtioFeature.RING_INDIRECT_DESC
@@ -118,11 +113,6 @@ MAX_INDIRECT = 32
 
 def _align(value: int, align: int) -> int:
     return (value + align - 1) & ~(align - 1)
-
-
-def vring_need_event(event: int, new: int, old: int) -> bool:
-    """The virtio spec's ``vring_need_event`` on free-running u16 indices."""
-    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
 def feature_names(value: int, flags: type) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 from collections.abc import Iterator
 from typing import Any
 
@@ -470,9 +471,10 @@ def test_mem_table_replaced_while_running_remaps_rings(server: Server) -> None:
         fe.setup_memory(4 << 20)
         q = fe.setup_queue(0, 16)
         assert _roundtrip(q, b"before") == _xor(b"before")
-        gen = server.call(lambda: server.handler.mem.generation)
+        old = server.call(lambda: server.handler.mem.regions)
         fe.setup_memory()                   # same table again: new mappings
-        assert server.call(lambda: server.handler.mem.generation) > gen
+        new = server.call(lambda: server.handler.mem.regions)
+        assert len(new) == len(old) and not set(map(id, new)) & set(map(id, old))
         assert _roundtrip(q, b"after") == _xor(b"after")
 
 
@@ -528,6 +530,103 @@ def test_inflight_requests_resubmitted_after_reconnect(lt: LoopThread, sock_path
                 assert bytes(dv) == _xor(bytes([i]) * 4)
     finally:
         s.close()
+
+
+# --------------------------------------------------------------------------
+# A hostile front-end harming its own device: contained to the queue (or
+# the message), with a clear reason; the connection and the process go on.
+
+def _forge_inflight_counter(fe: VhostUserFrontend, head: int, counter: int) -> None:
+    """Mark ``head`` in flight with ``counter`` in queue 0's inflight region,
+    through the front-end's own mapping of the fd."""
+    import mmap
+    import struct
+    assert fe.inflight_fd is not None and fe.inflight_info is not None
+    with mmap.mmap(fe.inflight_fd, fe.inflight_info.mmap_size) as mm:
+        struct.pack_into("<QHHHH", mm, 0, 0, 1, fe.inflight_info.queue_size, 0, 0)   # version 1
+        struct.pack_into("<B5xHQ", mm, 16 + 16 * head, 1, 0, counter)
+
+
+def test_forged_inflight_counter_is_refused_by_set_inflight_fd(server: Server, caplog) -> None:
+    """2^64-1 as a fetch counter, handed over with SET_INFLIGHT_FD: refused
+    (failure ack naming the slot and value); the connection goes on."""
+    caplog.set_level(logging.WARNING, logger="vhost.connection")
+    with VhostUserFrontend.connect(server.path) as fe:
+        fe.negotiate()
+        fe.setup_memory(4 << 20)
+        fe.get_inflight(1, 16)
+        _forge_inflight_counter(fe, 3, 2**64 - 1)
+        with pytest.raises(ProtocolError, match="acked failure"):
+            fe.request(R.SET_INFLIGHT_FD, encode_inflight(fe.inflight_info), fds=[fe.inflight_fd])
+        assert "inflight queue 0: slot 3 counter 0xffffffffffffffff is not below 2^63" in caplog.text
+        os.pwrite(fe.inflight_fd, bytes(fe.inflight_info.mmap_size), 0)   # a fresh region again
+        fe.request(R.SET_INFLIGHT_FD, encode_inflight(fe.inflight_info), fds=[fe.inflight_fd])
+        q = fe.setup_queue(0, 16)                  # the connection goes on
+        assert _roundtrip(q, b"still") == _xor(b"still")
+
+
+def test_inflight_counter_forged_after_set_inflight_fd_breaks_only_that_queue(server: Server) -> None:
+    """The region is shared memory: forged after SET_INFLIGHT_FD, the counter
+    is caught when the ring starts (before any use): that queue breaks with a
+    clear reason and its err fd fires; the other queue and the connection
+    go on.  (It used to break later, through a bare ValueError.)"""
+    with VhostUserFrontend.connect(server.path) as fe:
+        fe.negotiate()
+        fe.setup_memory(4 << 20)
+        fe.get_inflight(2, 16)
+        _forge_inflight_counter(fe, 3, 2**64 - 1)
+        q0 = fe.setup_queue(0, 16)
+        assert q0.broken()
+        running = server.call(lambda: server.handler.queues[0].running)
+        assert running.broken
+        assert running.broken_reason == "inflight queue 0: slot 3 counter 0xffffffffffffffff is not below 2^63"
+        q1 = fe.setup_queue(1, 16)
+        assert _roundtrip(q1, b"other") == _xor(b"other")
+        assert fe.stop_queue(0) == 0               # nothing was taken from the broken ring
+
+
+def _eventfd_count_of(fd: int) -> int:
+    """An eventfd's counter without reading it (a semaphore-mode read returns 1)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("eventfd-count:"):
+                return int(line.split()[1], 16)
+    raise AssertionError(f"fd {fd} is not an eventfd")
+
+
+def test_semaphore_kick_fd_breaks_the_queue_instead_of_spinning(server: Server) -> None:
+    """A kick fd that is a semaphore-mode eventfd with a huge count stays
+    readable for 2^64-2 reads: the back-end read it forever at full CPU.
+    Now it reads a bounded number of times, breaks that queue (err fd) and
+    stops watching the fd; the connection and the other queue go on."""
+    from connection.kick import KICK_READS_PER_WAKE
+    with VhostUserFrontend.connect(server.path) as fe:
+        fe.negotiate()
+        fe.setup_memory(4 << 20)
+        q1 = fe.setup_queue(1, 16)
+        sem = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK | os.EFD_SEMAPHORE)
+        err = _eventfd()
+        try:
+            from frontend.vhost_user import DriverQueue
+            ring = DriverQueue(fe.mem, 0, 16, event_idx=True, indirect=False)
+            fe.request(R.SET_VRING_NUM, encode_vring_state(0, 16))
+            fe.request(R.SET_VRING_ADDR, encode_vring_addr(ring.vring_addr()))
+            fe.request(R.SET_VRING_ERR, vring_fd_payload(0), fds=[err])
+            fe.request(R.SET_VRING_KICK, vring_fd_payload(0), fds=[sem])
+            os.eventfd_write(sem, 2**64 - 2)
+            assert select.select([err], [], [], 5)[0] == [err], "the queue was not broken (err fd)"
+            assert os.eventfd_read(err) == 1
+            reason = server.call(lambda: server.handler.queues[0].running.broken_reason)
+            assert reason == (f"kick fd {server.call(lambda: server.handler.queues[0].kick_fd)} still readable "
+                              f"after {KICK_READS_PER_WAKE} reads (a semaphore-mode eventfd, or not an eventfd)")
+            left = _eventfd_count_of(sem)
+            assert left == 2**64 - 2 - KICK_READS_PER_WAKE
+            assert _roundtrip(q1, b"alive") == _xor(b"alive")   # loop turns; fd no longer read
+            assert _eventfd_count_of(sem) == left
+            ring.close()
+        finally:
+            os.close(sem)
+            os.close(err)
 
 
 def test_reset_device_stops_rings_and_resets(server: Server) -> None:

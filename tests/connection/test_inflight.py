@@ -1,5 +1,6 @@
 """Inflight tracking: the buffer layout read back raw, the Virtqueue's
-bookkeeping, and recovery after a back-end crash (real memfds)."""
+bookkeeping, recovery after a back-end crash, and regions a front-end
+forged (real memfds)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from connection.errors import ProtocolError
 from connection.inflight import InflightRegion, queue_stride
 from connection.protocol import InflightInfo
-from connection.virtqueue import Virtqueue
+from connection.virtqueue import QueueConfig, Virtqueue
 from tests.connection.test_virtqueue import INDIRECT, Setup
 
 HEADER = struct.Struct("<QHHHH")      # features, version, desc_num, last_batch_head, used_idx
@@ -116,7 +117,9 @@ def test_fetched_and_completed_in_the_raw_buffer():
         q.fetched(head)
     assert raw.inflight_heads(1) == [1, 3, 6]
     assert [raw.desc(h, 1)[2] for h in (3, 6, 1)] == [0, 1, 2]
-    q.completed([6, 3], 7)
+    q.link_batch([6, 3])                                    # before the ring's used idx store
+    assert raw.inflight_heads(1) == [1, 3, 6]
+    q.commit_batch([6, 3], 7)                               # after it
     assert raw.inflight_heads(1) == [1]
     features, version, n, last_batch_head, used_idx = raw.header(1)
     assert (last_batch_head, used_idx) == (3, 7)
@@ -148,7 +151,7 @@ def test_virtqueue_keeps_inflight_current(setup):
     region.close()
 
 
-def _crash(q: Virtqueue) -> None:
+def _crash(q: QueueConfig) -> None:
     """The back-end dies: no stop, no flush, its fds go away."""
     q.set_kick_fd(None)
     q.set_call_fd(None)
@@ -159,14 +162,13 @@ def _reconnect(setup, ring, region: InflightRegion, base: int) -> Virtqueue:
     """A new back-end process: the same rings, the inflight fd handed back."""
     again = InflightRegion.from_fd(os.dup(region.fd), region.info)
     setup.regions.append(again)
-    q = Virtqueue(0, 1024, setup.loop)
-    q.set_size(ring.size)
-    q.set_addresses(ring.vring_addr(0))
-    q.set_base(base)
-    q.set_inflight(again.queue(0))
-    q.start(setup.guest.mem, INDIRECT)
-    setup.queues.append(q)
-    return q
+    cfg = QueueConfig(0, 1024, setup.loop)
+    cfg.set_size(ring.size)
+    cfg.set_addresses(ring.vring_addr(0))
+    cfg.set_base(base)
+    cfg.set_inflight(again.queue(0))
+    setup.configs.append(cfg)
+    return cfg.activate(setup.guest.mem, INDIRECT)
 
 
 @pytest.fixture
@@ -186,13 +188,13 @@ def test_crash_after_publishing_a_batch_before_clearing_it(crash_setup):
     heads = [ring.chain([(buf, 64, True)]) for _ in range(4)]
     for _ in range(4):
         q.pop()
-    s.queues.remove(q)
+    cfg = s.configs.pop()
     # the first half of flush(): link the batch, publish used idx ... crash
     q.add_used(heads[2], 1)
     q.add_used(heads[0], 1)
     region.queue(0).link_batch([heads[2], heads[0]])
     ring.used[1] = 2
-    _crash(q)
+    _crash(cfg)
     raw = Raw(region)
     assert raw.header()[4] == 0 and len(raw.inflight_heads()) == 4   # used_idx != ring used idx
 
@@ -219,10 +221,10 @@ def test_crash_before_publishing_resubmits_the_whole_batch(crash_setup):
     heads = [ring.chain([(buf, 64, True)]) for _ in range(3)]
     for _ in range(3):
         q.pop()
-    s.queues.remove(q)
+    cfg = s.configs.pop()
     q.add_used(heads[1], 1)
     region.queue(0).link_batch([heads[1]])                  # linked, never published
-    _crash(q)
+    _crash(cfg)
     q2 = _reconnect(s, ring, region, base=0)
     assert [q2.pop().head for _ in range(3)] == heads
     assert q2.pop() is None and ring.used[1] == 0
@@ -245,8 +247,7 @@ def test_resubmission_in_counter_order_with_out_of_order_completion(crash_setup)
     assert ring.used[1] == 2
     ring.set_desc(6, buf, 64, 2)                            # the guest queues more meanwhile
     ring.put(6)
-    s.queues.remove(q)
-    _crash(q)
+    _crash(s.configs.pop())
     q2 = _reconnect(s, ring, region, base=2)                # QEMU resumes from used idx
     assert q2.last_avail_idx == 5
     got = []
@@ -267,7 +268,7 @@ def test_clean_restart_with_nothing_in_flight(crash_setup):
     buf = s.guest.alloc(64)
     ring.chain([(buf, 64, True)])
     q.add_used(q.pop().head, 1)
-    base = q.stop()
+    base = s.configs[0].stop()
     assert base == 1
     q2 = _reconnect(s, ring, region, base=base)
     assert q2.pop() is None and q2.last_avail_idx == 1
@@ -282,27 +283,83 @@ def test_fresh_region_keeps_vring_base(crash_setup):
     assert region.queue(0).version == 1 and region.queue(0).used_idx == 40
 
 
-def test_inconsistent_region_is_refused(crash_setup):
+def test_inconsistent_region_breaks_the_queue(crash_setup, caplog):
+    """What the front-end hands back is its data, like the ring: a region
+    that does not check out breaks that queue (clear reason, err fd
+    signalled) and nothing in it is used; a region smaller than the ring is
+    a configuration error (ProtocolError, the connection ends)."""
     s = crash_setup
     region = InflightRegion.create(1, 8)
     s.regions.append(region)
     region.queue(0).initialise()
     raw = mmap.mmap(region.fd, region.mmap_size)
     struct.pack_into("<H", raw, 10, 16)                     # desc_num: not what we wrote
-    q, ring = s.queue(size=8, inflight=region.queue(0), start=False)
-    with pytest.raises(ProtocolError, match="desc_num"):
-        q.start(s.guest.mem, 0)
+    cfg, ring = s.queue(size=8, inflight=region.queue(0), start=False)
+    q = cfg.activate(s.guest.mem, 0)
+    assert q.broken and "desc_num 16" in q.broken_reason and cfg.started
+    assert q.pop() is None and os.eventfd_read(s.err[0]) == 1
+    cfg.stop()
     struct.pack_into("<HHH", raw, 10, 8, 0, 0)
     ring.used[1] = 100                                      # 100 completions unaccounted for
-    with pytest.raises(ProtocolError, match="used_idx"):
-        q.start(s.guest.mem, 0)
-    assert not q.started
+    q = cfg.activate(s.guest.mem, 0)
+    assert q.broken and "used_idx 0 is 100 behind" in q.broken_reason
+    cfg.stop()
     small = InflightRegion.create(1, 4)
     s.regions.append(small)
-    q.set_inflight(small.queue(0))
+    cfg.set_inflight(small.queue(0))
     with pytest.raises(ProtocolError, match="queue_size 4"):
-        q.start(s.guest.mem, 0)
+        cfg.activate(s.guest.mem, 0)
+    assert not cfg.started
     raw.close()
+
+
+def _forge(region: InflightRegion, head: int, counter: int) -> mmap.mmap:
+    """Mark ``head`` in flight with ``counter`` in a version-1 region, as a
+    hostile front-end can write its own mapping."""
+    raw = mmap.mmap(region.fd, region.mmap_size)
+    HEADER.pack_into(raw, 0, 0, 1, region.queue_size, 0, 0)
+    DESC.pack_into(raw, 16 + 16 * head, 1, 0, counter)
+    return raw
+
+
+@pytest.mark.parametrize("counter", [2**64 - 1, 2**63])
+def test_counter_out_of_range_breaks_the_queue_before_use(crash_setup, counter):
+    """A counter we cannot count on from (2^64-1 overflowed the next fetch
+    with a bare ValueError) breaks the queue at start, with the slot and
+    value named; the region is left as it was."""
+    s = crash_setup
+    region = InflightRegion.create(1, 8)
+    s.regions.append(region)
+    raw = _forge(region, 3, counter)
+    before = bytes(raw)
+    cfg, ring = s.queue(size=8, inflight=region.queue(0), start=False)
+    q = cfg.activate(s.guest.mem, INDIRECT)
+    assert q.broken and q.broken_reason == (f"inflight queue 0: slot 3 counter {counter:#x} "
+                                            f"is not below 2^63")
+    assert bytes(raw) == before and q.pop() is None
+    raw.close()
+
+
+@pytest.mark.parametrize("forge, field", [
+    (lambda raw: DESC.pack_into(raw, 16 + 16 * 5, 1, 0, 2**64 - 1), "slot 5 counter 0xffffffffffffffff"),
+    (lambda raw: struct.pack_into("<H", raw, 8, 7), "version 7"),
+    (lambda raw: struct.pack_into("<H", raw, 10, 9), "desc_num 9"),
+])
+def test_forged_region_is_refused_by_set_inflight_fd(forge, field):
+    """SET_INFLIGHT_FD checks every queue's region before taking it: the
+    fd is closed and the error names the queue, field and value."""
+    region = InflightRegion.create(2, 8)
+    raw = mmap.mmap(region.fd, region.mmap_size)
+    stride = region.stride
+    HEADER.pack_into(raw, stride, 0, 1, 8, 0, 0)           # queue 1: a valid version-1 header
+    forge(memoryview(raw)[stride:])
+    fd = os.dup(region.fd)
+    with pytest.raises(ProtocolError, match=f"SET_INFLIGHT_FD: inflight queue 1: {field}"):
+        InflightRegion.from_fd(fd, region.info)
+    with pytest.raises(OSError):
+        os.fstat(fd)                                        # consumed
+    raw.close()
+    region.close()
 
 
 def test_closing_the_region_under_a_running_queue_is_safe(crash_setup):

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from connection.inflight import InflightQueue
 from connection.memory import GuestMemory
 from connection.protocol import MemoryRegion, VirtioFeature, VringAddr
-from connection.virtqueue import (DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, DescriptorChain,
-                                  Virtqueue, vring_need_event)
+from connection.split_ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, vring_need_event
+from connection.virtqueue import DescriptorChain, QueueConfig, Virtqueue
 
 KiB, MiB = 1 << 10, 1 << 20
 INDIRECT = int(VirtioFeature.RING_INDIRECT_DESC)
@@ -216,16 +216,19 @@ class Setup:
         self.guest = Guest()
         self.loop = uvloop.new_event_loop()
         self.rings: list[DriverRing] = []
-        self.queues: list[Virtqueue] = []
+        self.configs: list[QueueConfig] = []
         self.kick: list[int] = []
         self.call: list[int] = []
         self.err: list[int] = []
 
     def queue(self, size: int = 8, features: int = INDIRECT, base: int = 0,
-              inflight: InflightQueue | None = None, start: bool = True) -> tuple[Virtqueue, DriverRing]:
-        index = len(self.queues)
+              inflight: InflightQueue | None = None, start: bool = True,
+              name: str = "") -> tuple[Virtqueue, DriverRing]:
+        """A configured queue and its ring; started (the running
+        ``Virtqueue``) unless ``start=False`` (then see ``configs``)."""
+        index = len(self.configs)
         ring = DriverRing(self.guest, size, base)
-        q = Virtqueue(index, 1024, self.loop)
+        q = QueueConfig(index, 1024, self.loop, name=name)
         q.set_size(size)
         q.set_addresses(ring.vring_addr(index))
         q.set_base(base)
@@ -234,20 +237,18 @@ class Setup:
         q.set_call_fd(os.dup(c))
         q.set_err_fd(os.dup(e))
         q.set_inflight(inflight)
-        if start:
-            q.start(self.guest.mem, features)
         self.rings.append(ring)
-        self.queues.append(q)
+        self.configs.append(q)
         self.kick.append(k)
         self.call.append(c)
         self.err.append(e)
-        return q, ring
+        return (q.activate(self.guest.mem, features) if start else q), ring  # type: ignore[return-value]
 
     def run(self, coro):
         return self.loop.run_until_complete(coro)
 
     def close(self) -> None:
-        for q in self.queues:
+        for q in self.configs:
             q.close()
         for r in self.rings:
             r.release()
@@ -423,6 +424,21 @@ def test_vring_need_event(event, new, old, expected):
     assert vring_need_event(event, new, old) is expected
 
 
+def test_split_ring_layout_is_the_spec():
+    """virtio 1.x 2.7: the sizes and event-field positions both sides use,
+    here for a 256-entry queue, as the one module states them."""
+    from connection import split_ring as sr
+    assert (sr.DESC.size, sr.DESC.format) == (16, "<QIHH")
+    assert sr.DESC.pack(1, 2, sr.DESC_F_NEXT | sr.DESC_F_WRITE, 3) == \
+        (1).to_bytes(8, "little") + (2).to_bytes(4, "little") + b"\x03\x00\x03\x00"
+    assert (sr.desc_table_size(256), sr.avail_ring_size(256), sr.used_ring_size(256)) == (4096, 518, 2054)
+    assert sr.used_event_index(256) * 2 == 4 + 2 * 256            # after avail ring[256]
+    assert sr.avail_event_index(256) * 2 == 4 + 8 * 256           # after used ring[256]
+    assert (sr.DESC_ALIGN, sr.AVAIL_ALIGN, sr.USED_ALIGN, sr.MAX_QUEUE_SIZE) == (16, 2, 4, 32768)
+    import connection.virtqueue as vq
+    assert vq.vring_need_event is sr.vring_need_event          # one definition, re-exported
+
+
 def test_event_idx_suppression(setup):
     q, ring = setup.queue(size=16, features=EVENT_IDX)
     buf = setup.guest.alloc(64)
@@ -491,15 +507,38 @@ def test_stop_returns_next_avail_and_flushes(setup):
         ring.chain([(buf, 64, True)])
     c1, c2 = q.pop(), q.pop()
     q.add_used(c1.head, 7)
-    assert q.stop() == 2
+    cfg = setup.configs[0]
+    assert cfg.stop() == 2 and cfg.base == 2
     assert ring.used[1] == 1                           # completed work was published
-    assert q.pop() is None and not q.started
+    assert eventfd_count(setup.call[0]) == 1           # and signalled
+    assert q.pop() is None and not cfg.started and cfg.running is None
     q.add_used(c2.head, 1)                             # ignored when stopped
     q.flush()
-    assert ring.used[1] == 1
-    q.set_base(2)
-    q.start(setup.guest.mem, INDIRECT)
-    assert q.pop().head == 2
+    q.notify()                                         # the fds are the config's now: untouched
+    assert ring.used[1] == 1 and eventfd_count(setup.call[0]) == 0
+    cfg.set_base(2)
+    q2 = cfg.activate(setup.guest.mem, INDIRECT)       # a restart is a new running ring
+    assert q2 is not q and cfg.running is q2
+    assert q2.pop().head == 2 and q.pop() is None
+
+
+def test_config_forwards_fds_and_enable_to_the_running_ring(setup):
+    q, ring = setup.queue(features=0)
+    cfg = setup.configs[0]
+    assert q.enabled is False
+    cfg.enabled = True
+    assert q.enabled is True
+    new_call = eventfd()
+    cfg.set_call_fd(os.dup(new_call))                 # SET_VRING_CALL on a running ring
+    buf = setup.guest.alloc(64)
+    ring.chain([(buf, 64, True)])
+    q.add_used(q.pop().head, 1)
+    q.flush()
+    assert eventfd_count(new_call) == 1 and eventfd_count(setup.call[0]) == 0
+    cfg.set_call_fd(None)                              # no call fd: nothing to signal, no error
+    q.notify()
+    assert eventfd_count(new_call) == 0
+    os.close(new_call)
 
 
 def test_remap_after_memory_change(setup):
@@ -510,7 +549,7 @@ def test_remap_after_memory_change(setup):
     g.mem.clear()
     for r in g.regions:
         g.mem.add_region(r, os.dup(g.fd))
-    q.remap(g.mem)
+    setup.configs[0].remap(g.mem)
     chain = q.pop()
     assert chain is not None and not q.broken
     q.add_used(chain.head, 1)
@@ -518,7 +557,7 @@ def test_remap_after_memory_change(setup):
     assert ring.used[1] == 1
     # a table without the ring's region breaks the queue, nothing else
     g.mem.remove_region(g.regions[0])
-    q.remap(g.mem)
+    setup.configs[0].remap(g.mem)
     assert q.broken and "desc" in q.broken_reason
 
 
@@ -527,11 +566,11 @@ def test_start_refuses_unmapped_or_misaligned_rings(setup):
     q, ring = setup.queue(start=False)
     q.set_addresses(VringAddr(0, 0, 0x1234_0000_0000, ring.vring_addr(0).used, ring.vring_addr(0).avail, 0))
     with pytest.raises(ProtocolError, match="desc"):
-        q.start(setup.guest.mem, 0)
+        q.activate(setup.guest.mem, 0)
     a = ring.vring_addr(0)
     q.set_addresses(a._replace(used=a.used + 2))
     with pytest.raises(ProtocolError, match="used address .* aligned"):
-        q.start(setup.guest.mem, 0)
+        q.activate(setup.guest.mem, 0)
     with pytest.raises(ProtocolError, match="power of two"):
         q.set_size(3)
     assert not q.started
@@ -725,19 +764,19 @@ def test_total_length_overflowing_u32_breaks():
     mem.add_region(MemoryRegion(0, 6 << 30, 0x7F00_0000_0000, 0), os.dup(fd))
     host = mmap.mmap(fd, 1 << 20)
     loop = uvloop.new_event_loop()
-    q = Virtqueue(0, 8, loop)
+    cfg = QueueConfig(0, 8, loop)
     try:
         with memoryview(host) as view, view[0:128].cast("Q") as desc, view[128:150].cast("H") as avail:
             DriverRing.write_desc(desc, 0, 1 << 30, 3 << 30, DESC_F_NEXT, 1)
             DriverRing.write_desc(desc, 1, 2 << 30, 3 << 30, DESC_F_WRITE)
             avail[2], avail[1] = 0, 1
         base = 0x7F00_0000_0000
-        q.set_size(8)
-        q.set_addresses(VringAddr(0, 0, base, base + 0x1000, base + 128, 0))
-        q.start(mem, 0)
+        cfg.set_size(8)
+        cfg.set_addresses(VringAddr(0, 0, base, base + 0x1000, base + 128, 0))
+        q = cfg.activate(mem, 0)
         assert q.pop() is None and q.broken and "overflows u32" in q.broken_reason
     finally:
-        q.close()
+        cfg.close()
         loop.close()
         host.close()
         mem.clear()
@@ -758,20 +797,21 @@ def test_broken_queue_never_touches_rings(setup, caplog):
     assert q.pop() is None
     q.add_used(chain.head, 1)                          # dropped, as QEMU does
     q.flush()
-    assert q.stop() == 1
+    cfg = setup.configs[0]
+    assert cfg.started                                 # broken is not stopped: GET_VRING_BASE stops
+    assert cfg.stop() == 1
     assert bytes(setup.guest.hv) == before and ring.used[1] == 0
     assert q.broken_reason == "test"
-    q.set_base(1)
-    q.start(setup.guest.mem, INDIRECT)                 # a restart clears it
+    cfg.set_base(1)
+    q = cfg.activate(setup.guest.mem, INDIRECT)        # a restart is a healthy new ring
     assert not q.broken and q.pop() is not None
 
 
 def test_device_name_in_log_line(setup, caplog):
-    q = Virtqueue(3, 256, setup.loop, name="blk0")
+    q, _ = setup.queue(name="blk0")
     caplog.set_level(logging.ERROR, logger="vhost.virtqueue")
     q.mark_broken("why")
-    assert caplog.records[0].getMessage() == "device=blk0 queue 3 broken: why"
-    q.close()
+    assert caplog.records[0].getMessage() == "device=blk0 queue 0 broken: why"
 
 
 # --------------------------------------------------------------------------
@@ -886,7 +926,7 @@ def test_stop_and_break_wake_waiters(setup):
         t1 = asyncio.ensure_future(q1.wait_kick())
         await asyncio.sleep(0)                          # one step each: both waiters sleep
         assert not t0.done() and not t1.done()
-        q0.stop()
+        setup.configs[0].stop()
         q1.mark_broken("test")
         assert await asyncio.wait_for(t0, 1) is False
         assert await asyncio.wait_for(t1, 1) is False
@@ -895,15 +935,13 @@ def test_stop_and_break_wake_waiters(setup):
     setup.run(scenario())
 
 
-def test_inband_kick_and_nofd_polling(setup):
+def test_nofd_polling(setup):
     q, ring = setup.queue(features=EVENT_IDX)
     buf = setup.guest.alloc(64)
 
     async def scenario():
         await q.wait_kick()
-        setup.loop.call_later(0.01, q.kick)            # VRING_KICK in-band
-        assert await asyncio.wait_for(q.wait_kick(), 1) is True
-        q.set_kick_fd(None)                            # NOFD: the ring is polled
+        setup.configs[0].set_kick_fd(None)             # NOFD: the ring is polled
         await q.wait_kick()                            # (a new kick fd counts as a kick)
         setup.loop.call_later(0.01, lambda: ring.chain([(buf, 64, True)]))
         assert await asyncio.wait_for(q.wait_kick(), 1) is True
@@ -925,25 +963,67 @@ def test_kick_fd_is_watched_only_while_started(setup):
 
     os.eventfd_write(setup.kick[0], 1)
     setup.run(drained(setup.kick[0]))                  # drained on the loop
-    q.stop()
+    setup.configs[0].stop()
     os.eventfd_write(setup.kick[0], 1)
     os.eventfd_write(setup.kick[1], 1)
     setup.run(drained(setup.kick[1]))                  # the loop polled since both kicks
     assert eventfd_count(setup.kick[0]) == 1          # nobody reads a stopped queue's fd
 
 
-def test_call_hook_without_call_fd(setup):
-    q, ring = setup.queue(features=0)
-    calls = []
-    q.set_call_fd(None)
-    q.call_hook = lambda: calls.append(q.index)
+def test_semaphore_kick_fd_breaks_the_queue_instead_of_spinning(setup, caplog):
+    """A semaphore-mode eventfd stays readable for ``count`` reads: the
+    reader would fire on every loop iteration.  After a bounded number of
+    reads per wake-up the queue breaks, and its reader is gone."""
+    from connection.kick import KICK_READS_PER_WAKE
+    sem = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC | os.EFD_SEMAPHORE)
+    q, ring = setup.queue(features=EVENT_IDX)
+    setup.configs[0].set_kick_fd(os.dup(sem))
+    caplog.set_level(logging.ERROR, logger="vhost.virtqueue")
+    os.eventfd_write(sem, 2**64 - 2)                   # the largest count
+
+    async def scenario():
+        assert await q.wait_kick() is True             # start counts as a kick
+        assert await asyncio.wait_for(q.wait_kick(), 2) is False
+        for _ in range(5):
+            await asyncio.sleep(0)
+
+    setup.run(scenario())
+    assert q.broken and "still readable" in q.broken_reason
+    assert f"after {KICK_READS_PER_WAKE} reads" in q.broken_reason
+    # one wake-up read the bound, then the reader was removed: no more reads
+    assert _eventfd_count_of(sem) == 2**64 - 2 - KICK_READS_PER_WAKE
+    assert eventfd_count(setup.err[0]) == 1            # the front-end is told
+    os.close(sem)
+
+
+def _eventfd_count_of(fd: int) -> int:
+    """An eventfd's counter without reading it (a semaphore-mode read returns 1)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        for line in f:
+            if line.startswith("eventfd-count:"):
+                return int(line.split()[1], 16)
+    raise AssertionError(f"fd {fd} is not an eventfd")
+
+
+def test_counter_mode_kick_fd_is_read_once_or_twice(setup):
+    """A normal eventfd is emptied by one read; a count of 1 costs one
+    more read that finds it empty.  Neither breaks the queue."""
+    q, ring = setup.queue(features=EVENT_IDX)
     buf = setup.guest.alloc(64)
-    ring.chain([(buf, 64, True)])
-    q.add_used(q.pop().head, 1)
-    q.flush()
-    assert calls == [0]
-    q.notify()
-    assert calls == [0, 0]
+
+    async def scenario():
+        await q.wait_kick()
+        for count in (1, 5, 2**40):
+            task = asyncio.ensure_future(q.wait_kick())
+            await asyncio.sleep(0.005)
+            ring.chain([(buf, 64, True)])
+            os.eventfd_write(setup.kick[0], count)
+            assert await asyncio.wait_for(task, 1) is True
+            assert q.pop() is not None
+        assert eventfd_count(setup.kick[0]) == 0
+
+    setup.run(scenario())
+    assert not q.broken
 
 
 def test_device_loop_end_to_end(setup):
@@ -974,7 +1054,7 @@ def test_device_loop_end_to_end(setup):
         while len(done) < 40 and time.monotonic() < deadline:
             done += ring.get_used()
             await asyncio.sleep(0.001)
-        q.stop()
+        setup.configs[0].stop()
         return heads, done
 
     async def main():
@@ -1032,12 +1112,12 @@ def test_pop_never_escapes_guest_memory(size, descs, table, heads, avail_delta, 
         for k in range(size):
             ring.avail[2 + k] = heads[k] if heads[k] >= 16 else heads[k] % size
         ring.avail[1] = avail_idx
-        q = Virtqueue(0, 64, s.loop)
-        q.set_size(size)
-        q.set_addresses(ring.vring_addr(0))
-        q.set_base(base)
-        q.start(g.mem, features)
-        s.queues.append(q)
+        cfg = QueueConfig(0, 64, s.loop)
+        cfg.set_size(size)
+        cfg.set_addresses(ring.vring_addr(0))
+        cfg.set_base(base)
+        q = cfg.activate(g.mem, features)
+        s.configs.append(cfg)
         s.rings.append(ring)
         before = bytes(g.hv)
         popped = 0
