@@ -9,9 +9,11 @@ from .compiler import CompiledPolicy, compile_policy
 from .config import JAIL_SETUP_FAILED, BindMount, JailConfig, JailError
 from .jail import enter_jail
 from .policy import PolicyError, parse_policy
-from .spawn import ExitReason, JailedChild, spawn
+from .exits import ExitKind, ExitReason, decode_wait_status
+from .spawn import JailedChild, spawn
 
 __all__ = [
-    "BindMount", "JailConfig", "JailError", "JAIL_SETUP_FAILED", "JailedChild", "ExitReason", "spawn",
+    "BindMount", "JailConfig", "JailError", "JAIL_SETUP_FAILED", "JailedChild", "ExitReason", "ExitKind",
+    "decode_wait_status", "spawn",
     "enter_jail", "audit", "compile_policy", "CompiledPolicy", "parse_policy", "PolicyError",
 ]

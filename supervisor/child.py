@@ -20,7 +20,9 @@ from typing import Any, Callable
 
 from connection.device import VhostUserDeviceBuilder
 
-from .slot import ExitInfo, ExitKind
+from sandbox.exits import decode_wait_status
+
+from .slot import ExitInfo
 
 READY_BYTE = b"R"
 
@@ -135,7 +137,7 @@ class ChildProcess:
     def exit_info(self, status: int) -> ExitInfo:
         """Classify a wait status of ``pid`` (the jail knows about seccomp and set-up failures)."""
         if self.jailed is not None:
-            return from_exit_reason(self.jailed.decode_status(status))
+            return ExitInfo.from_reason(self.jailed.decode_status(status))
         return classify(status)
 
     @property
@@ -188,51 +190,9 @@ class ChildProcess:
         self.pidfd = -1
 
 
-#: A jailed device turns these signals into exit(128 + signal) (it is pid 1 of
-#: its pid namespace, where default actions do not apply); report them as the
-#: signal they were.
-DEVICE_EXIT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-def _signame(sig: int | None) -> str:
-    if sig is None:
-        return "?"
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
-
-
-def classify(status: int, violation: str | None = None) -> ExitInfo:
-    """Waitstatus of a plain-forked child -> ExitInfo."""
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        if sig == signal.SIGSYS or violation:
-            return ExitInfo(ExitKind.SECCOMP, signal=_signame(sig), syscall=violation)
-        return ExitInfo(ExitKind.SIGNALED, signal=_signame(sig))
-    code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else -1
-    if violation:
-        return ExitInfo(ExitKind.SECCOMP, code=code, syscall=violation)
-    if code == 0:
-        return ExitInfo(ExitKind.DISCONNECTED, code=0)
-    return ExitInfo(ExitKind.ERROR, code=code)
-
-
-def from_exit_reason(reason: Any) -> ExitInfo:
-    """``sandbox.ExitReason`` (exited/signaled/seccomp/jail_failed) -> ExitInfo."""
-    if reason.kind == "seccomp":
-        return ExitInfo(ExitKind.SECCOMP, code=reason.code, signal=_signame(reason.signal) if reason.signal else None,
-                        syscall=reason.syscall)
-    if reason.kind == "jail_failed":
-        return ExitInfo(ExitKind.JAIL_FAILED, code=reason.code, message=reason.message)
-    if reason.kind == "signaled":
-        return ExitInfo(ExitKind.SIGNALED, signal=_signame(reason.signal))
-    code = reason.code
-    if code == 0:
-        return ExitInfo(ExitKind.DISCONNECTED, code=0)
-    if code is not None and code > 128 and (code - 128) in DEVICE_EXIT_SIGNALS:
-        return ExitInfo(ExitKind.SIGNALED, code=code, signal=_signame(code - 128))
-    return ExitInfo(ExitKind.ERROR, code=code)
+def classify(status: int) -> ExitInfo:
+    """Waitstatus of a plain-forked child -> ExitInfo (the jail's decoder, no jail facts)."""
+    return ExitInfo.from_reason(decode_wait_status(status))
 
 
 def _open_fds() -> list[int]:

@@ -2,6 +2,8 @@
 
 Pure bookkeeping (no fork, no I/O), so the policy (systemd-like restart,
 exponential backoff, crash-loop breaker) is unit-tested with a fake clock.
+A slot's ``state`` changes only through its transition methods, checked
+against ``TRANSITIONS``; the supervision loop decides, the slot records.
 """
 
 from __future__ import annotations
@@ -11,7 +13,12 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from sandbox.exits import ExitKind, ExitReason, signame
+
 from .logs import LineBudget
+
+__all__ = ["State", "Request", "TRANSITIONS", "IllegalTransition", "ExitKind", "ExitInfo", "DeviceSlot",
+           "RestartTracker", "should_restart"]
 
 BACKOFF_INITIAL = 0.1      # seconds after the first crash
 BACKOFF_MAX = 10.0         # the doubling stops here
@@ -21,6 +28,8 @@ CRASH_LIMIT = 5            # ... and trips at this many
 
 
 class State(str, enum.Enum):
+    """Where a device slot is in its life; ``TRANSITIONS`` says how it moves."""
+
     STARTING = "starting"   # forked, not yet built (jail + build in progress)
     READY = "ready"         # device built, waiting for a front-end
     SERVING = "serving"     # a front-end is connected
@@ -29,12 +38,30 @@ class State(str, enum.Enum):
     STOPPED = "stopped"     # not running by request, policy, or shutdown
 
 
-class ExitKind(str, enum.Enum):
-    DISCONNECTED = "disconnected"   # exit 0: the front-end went away
-    ERROR = "error"                 # exit status != 0
-    SIGNALED = "signaled"           # killed by a signal
-    SECCOMP = "seccomp"             # killed by seccomp (SIGSYS), with the syscall
-    JAIL_FAILED = "jail_failed"     # the jail could not be set up
+#: target state -> the states it may be entered from (None: from any state).
+#: Only the child itself moves a slot to ``ready`` (it built its device) and
+#: the kernel's view of the socket moves it between ``ready`` and
+#: ``serving``; every other state is a decision the supervisor may take at
+#: any point (a crash, a control request, shutdown).
+TRANSITIONS: dict[State, frozenset[State] | None] = {
+    State.STARTING: None,
+    State.READY: frozenset({State.STARTING, State.SERVING}),
+    State.SERVING: frozenset({State.READY}),
+    State.BACKOFF: None,
+    State.FAILED: None,
+    State.STOPPED: None,
+}
+
+
+class Request(str, enum.Enum):
+    """What the control socket asked of a slot whose child is being stopped."""
+
+    STOP = "stop"
+    RESTART = "restart"
+
+
+class IllegalTransition(RuntimeError):
+    """A bookkeeping bug: a move that ``TRANSITIONS`` forbids."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +90,12 @@ class ExitInfo:
         else:
             text = f"jail set-up failed: {self.message or f'exit {self.code}'}"
         return text + (" (requested)" if self.requested else "")
+
+    @classmethod
+    def from_reason(cls, reason: ExitReason) -> "ExitInfo":
+        """The decoded wait status (sandbox.exits) as the supervisor reports it."""
+        return cls(reason.kind, code=reason.code, signal=signame(reason.signal) if reason.signal else None,
+                   syscall=reason.syscall, message=reason.message)
 
     def as_dict(self) -> dict[str, Any]:
         return {"kind": self.kind.value, "code": self.code, "signal": self.signal,
@@ -120,7 +153,7 @@ class DeviceSlot:
     builder: Any = None              # devices.base.DeviceBuilder
     resources: Any = None            # connection.ParentResources (unlinks the socket)
     socket_inode: int | None = None
-    state: State = State.STOPPED
+    state: State = State.STOPPED     # changed only through the transition methods below
     child: Any = None                # supervisor.child.ChildProcess or None
     started_at: float | None = None  # monotonic time the current child was spawned
     started_wall: float | None = None
@@ -132,7 +165,7 @@ class DeviceSlot:
     want_running: bool = True        # False after `stop NAME` or at shutdown
     restart_timer: Any = None        # asyncio.TimerHandle while in backoff
     backoff_until: float | None = None
-    pending_request: str | None = None  # "stop" / "restart" while a child is being stopped
+    pending: Request | None = None   # why the current child is being stopped, if we asked
     kill_timer: Any = None
     proc: Any = None                 # psutil.Process of the current child (CPU % between queries)
     first_attempt_done: bool = False
@@ -141,3 +174,84 @@ class DeviceSlot:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    # ------------------------------------------------------------ transitions
+
+    def _enter(self, new: State) -> None:
+        allowed = TRANSITIONS[new]
+        if allowed is not None and self.state not in allowed:
+            raise IllegalTransition(f"device {self.name}: {self.state.value} -> {new.value}")
+        self.state = new
+
+    def cancel_restart_timer(self) -> None:
+        if self.restart_timer is not None:
+            self.restart_timer.cancel()
+            self.restart_timer = None
+        self.backoff_until = None
+
+    def spawned(self, child: Any, proc: Any, now: float, wall: float) -> None:
+        """A new child was forked: ``starting``."""
+        self.cancel_restart_timer()
+        self.want_running = True
+        self.child = child
+        self.proc = proc
+        self.started_at = now
+        self.started_wall = wall
+        if self.spawns:
+            self.restarts += 1
+        self.spawns += 1
+        self._enter(State.STARTING)
+
+    def built(self, child: Any) -> bool:
+        """The child says it built its device: ``starting`` -> ``ready``.
+        False (nothing changes) for a stale child or a repeated message."""
+        if child is not self.child or self.state is not State.STARTING:
+            return False
+        self._enter(State.READY)
+        self.first_attempt_done = True
+        return True
+
+    def frontend(self, connected: bool) -> bool:
+        """The kernel's view of the socket: ``ready`` <-> ``serving``; True if it moved."""
+        if self.child is None:
+            return False
+        if connected and self.state is State.READY:
+            self._enter(State.SERVING)
+            return True
+        if not connected and self.state is State.SERVING:
+            self._enter(State.READY)
+            return True
+        return False
+
+    def request(self, req: Request) -> None:
+        """Remember why the current child is being stopped (its exit is then ``requested``)."""
+        self.pending = req
+
+    def child_gone(self, info: ExitInfo, wall: float) -> Request | None:
+        """The child was reaped (or never forked): forget it, record its exit,
+        hand back the pending request.  The caller then decides the next state."""
+        if self.kill_timer is not None:
+            self.kill_timer.cancel()
+            self.kill_timer = None
+        self.child = None
+        self.proc = None
+        self.first_attempt_done = True
+        self.last_exit = info
+        self.last_exit_time = wall
+        pending, self.pending = self.pending, None
+        return pending
+
+    def back_off(self, until: float, timer: Any) -> None:
+        """Crashed; the next child is forked when ``timer`` fires."""
+        self.restart_timer = timer
+        self.backoff_until = until
+        self._enter(State.BACKOFF)
+
+    def fail(self) -> None:
+        """No more children until an operator asks (crash loop, or a crash with restart=never)."""
+        self._enter(State.FAILED)
+
+    def stop(self) -> None:
+        """Not running and not to be restarted: by request, by policy, or at shutdown."""
+        self.cancel_restart_timer()
+        self._enter(State.STOPPED)

@@ -30,7 +30,7 @@ from .config import ConfigError, SupervisorConfig
 from .control import ControlError, ControlServer, bind_control_socket, socket_in_use
 from .metrics import process_metrics, unix_connections
 from .notify import Notifier
-from .slot import DeviceSlot, ExitInfo, ExitKind, State, should_restart
+from .slot import DeviceSlot, ExitInfo, ExitKind, Request, State, should_restart
 
 #: Imported before the first fork: after pivot_root a child can import nothing.
 CHILD_MODULES = (
@@ -175,8 +175,7 @@ class Supervisor:
     def _start(self, slot: DeviceSlot) -> None:
         """Fork a fresh child for ``slot``; a fork/jail error counts as a crash."""
         assert self.loop is not None
-        slot.restart_timer = None
-        slot.backoff_until = None
+        slot.cancel_restart_timer()
         slot.want_running = True
         keep = list(slot.builder.keep_fds()) + [slot.listener.fileno()]
         t0 = time.monotonic()
@@ -188,18 +187,12 @@ class Supervisor:
             logs.event(slot.name, "spawn-failed", logging.ERROR, error=f"{type(e).__name__}: {e}")
             self._after_exit(slot, ExitInfo(ExitKind.JAIL_FAILED, code=None), 0.0)
             return
-        slot.child = child
-        slot.state = State.STARTING
-        slot.started_at = time.monotonic()
-        slot.started_wall = time.time()
-        if slot.spawns:
-            slot.restarts += 1
-        slot.spawns += 1
         try:
-            slot.proc = psutil.Process(child.device_pid)
-            slot.proc.cpu_percent(None)
+            proc: psutil.Process | None = psutil.Process(child.device_pid)
+            proc.cpu_percent(None)  # type: ignore[union-attr]
         except psutil.Error:
-            slot.proc = None
+            proc = None
+        slot.spawned(child, proc, time.monotonic(), time.time())
         self.loop.add_reader(child.pidfd, self._on_exit, slot, child)
         self.loop.add_reader(child.log_fd, self._on_log, slot, child)
         self.loop.add_reader(child.status_fd, self._on_status, slot, child)
@@ -223,9 +216,7 @@ class Supervisor:
         if not data:
             self.loop.remove_reader(child.status_fd)
             return
-        if READY_BYTE in data and slot.child is child and slot.state is State.STARTING:
-            slot.state = State.READY
-            slot.first_attempt_done = True
+        if READY_BYTE in data and slot.built(child):
             logs.event(slot.name, "ready", pid=child.device_pid,
                        startup_ms=round((time.monotonic() - (slot.started_at or 0)) * 1000, 1))
             self._changed_now()
@@ -307,51 +298,43 @@ class Supervisor:
         except ChildProcessError:
             status = 0
         info = child.exit_info(status)
-        requested = self.stopping or slot.pending_request is not None
+        requested = self.stopping or slot.pending is not None
         if requested:
             info = dataclasses.replace(info, requested=True)
         uptime = time.monotonic() - (slot.started_at or time.monotonic())
         child.close()
-        if slot.kill_timer is not None:
-            slot.kill_timer.cancel()
-            slot.kill_timer = None
-        slot.child = None
-        slot.proc = None
-        slot.first_attempt_done = True
         level = logging.INFO if (info.kind is ExitKind.DISCONNECTED or requested) else logging.WARNING
         logs.event(slot.name, "exit", level, pid=child.device_pid, reason=info.describe(), kind=info.kind.value,
                    code=info.code, signal=info.signal, syscall=info.syscall, uptime=round(uptime, 3))
         self._after_exit(slot, info, uptime)
 
     def _after_exit(self, slot: DeviceSlot, info: ExitInfo, uptime: float) -> None:
+        """The child is gone (or never forked): decide the slot's next state."""
         assert self.loop is not None
-        slot.last_exit = info
-        slot.last_exit_time = time.time()
-        pending, slot.pending_request = slot.pending_request, None
-        if self.stopping or pending == "stop" or not slot.want_running:
-            slot.state = State.STOPPED
-        elif pending == "restart":
+        pending = slot.child_gone(info, time.time())
+        if self.stopping or pending is Request.STOP or not slot.want_running:
+            slot.stop()
+        elif pending is Request.RESTART:
             self._start(slot)
         else:
             tripped, delay = slot.tracker.record_exit(info, time.monotonic(), uptime)
             if not should_restart(slot.spec.restart, info):
-                slot.state = State.FAILED if info.is_crash else State.STOPPED
+                if info.is_crash:
+                    slot.fail()
+                else:
+                    slot.stop()
                 logs.event(slot.name, "not-restarting", policy=slot.spec.restart, state=slot.state.value)
             elif tripped:
-                slot.state = State.FAILED
+                slot.fail()
                 logs.event(slot.name, "crash-loop", logging.ERROR, crashes=len(slot.tracker.crashes),
                            hint=f"vhost-supervisor restart {slot.name}")
             elif delay <= 0:
                 self._start(slot)
             else:
-                slot.state = State.BACKOFF
-                slot.backoff_until = time.monotonic() + delay
-                slot.restart_timer = self.loop.call_later(delay, self._backoff_done, slot)
+                slot.back_off(time.monotonic() + delay, self.loop.call_later(delay, self._backoff_done, slot))
                 logs.event(slot.name, "backoff", delay=round(delay, 3))
         self._changed_now()
         self._maybe_ready()
-        if self.stopping and not any(s.child for s in self.slots.values()):
-            self._changed_now()
 
     def _backoff_done(self, slot: DeviceSlot) -> None:
         slot.restart_timer = None
@@ -429,13 +412,9 @@ class Supervisor:
         conns = unix_connections({s.spec.socket for s in live}) if live else {}
         for s in live:
             st = conns.get(s.spec.socket)
-            serving = st is not None and st.accepted > 0
-            if serving and s.state is State.READY:
-                s.state = State.SERVING
-                logs.event(s.name, "serving", pid=s.child.device_pid)
-                self._changed_now()
-            elif not serving and s.state is State.SERVING:
-                s.state = State.READY
+            if s.frontend(st is not None and st.accepted > 0):
+                if s.state is State.SERVING:
+                    logs.event(s.name, "serving", pid=s.child.device_pid)
                 self._changed_now()
         return conns
 
@@ -495,15 +474,12 @@ class Supervisor:
         timeout = self.cfg.grace_period + 5.0
         if cmd == "stop":
             slot.want_running = False
-            if slot.restart_timer is not None:
-                slot.restart_timer.cancel()
-                slot.restart_timer = None
-                slot.backoff_until = None
+            slot.cancel_restart_timer()
             if slot.child is not None:
-                slot.pending_request = "stop"
+                slot.request(Request.STOP)
                 self._terminate(slot)
                 await self.wait_for(lambda: slot.child is None, timeout)
-            slot.state = State.STOPPED
+            slot.stop()
             logs.event(slot.name, "stopped", by="control")
             self._changed_now()
         else:
@@ -511,14 +487,12 @@ class Supervisor:
                 return {"ok": True, "device": self._device_status(slot), "note": "already running"}
             slot.tracker.reset()
             slot.want_running = True
-            if slot.restart_timer is not None:
-                slot.restart_timer.cancel()
-                slot.restart_timer = None
+            slot.cancel_restart_timer()
             if slot.child is not None:
-                slot.pending_request = "restart"
+                slot.request(Request.RESTART)
                 self._terminate(slot)
-                # the exit handler clears pending_request once the new child is forked
-                await self.wait_for(lambda: slot.pending_request is None, timeout)
+                # the exit handler clears the request once the new child is forked
+                await self.wait_for(lambda: slot.pending is None, timeout)
             else:
                 self._start(slot)
             logs.event(slot.name, cmd, by="control")
@@ -551,11 +525,9 @@ class Supervisor:
             if h is not None:
                 h.cancel()
         for s in self.slots.values():
-            if s.restart_timer is not None:
-                s.restart_timer.cancel()
-                s.restart_timer = None
+            s.cancel_restart_timer()
             if s.state is State.BACKOFF:
-                s.state = State.STOPPED
+                s.stop()
         for s in self.slots.values():
             if s.child is not None:
                 s.child.signal(signal.SIGTERM)

@@ -15,7 +15,7 @@ import signal
 import socket
 
 from supervisor import logs
-from supervisor.child import classify, from_exit_reason
+from supervisor.child import classify
 from supervisor.metrics import unix_connections
 from supervisor.notify import Notifier
 from supervisor.slot import ExitInfo, ExitKind, RestartTracker, should_restart
@@ -71,16 +71,51 @@ def test_classify_plain_wait_statuses() -> None:
     assert classify(signal.SIGSYS).kind is ExitKind.SECCOMP
 
 
-def test_from_sandbox_exit_reason() -> None:
-    from sandbox import ExitReason
-    assert from_exit_reason(ExitReason("exited", code=0)).kind is ExitKind.DISCONNECTED
-    term = from_exit_reason(ExitReason("exited", code=128 + signal.SIGTERM))
+def test_jailed_and_plain_exits_decode_alike() -> None:
+    """One decoder (sandbox.exits) for both paths; the jailed device is pid 1,
+    so its exit(128 + SIGTERM) is SIGTERM, and a set-up failure needs the
+    jail's own message."""
+    from sandbox.exits import ExitReason, decode_wait_status
+    for status in (0, 3 << 8, signal.SIGKILL, signal.SIGSYS):
+        assert ExitInfo.from_reason(decode_wait_status(status, pid1=True)) == classify(status)
+    term = ExitInfo.from_reason(decode_wait_status((128 + signal.SIGTERM) << 8, pid1=True))
     assert term.kind is ExitKind.SIGNALED and term.signal == "SIGTERM"
-    assert from_exit_reason(ExitReason("exited", code=1)) == ExitInfo(ExitKind.ERROR, code=1)
-    sc = from_exit_reason(ExitReason("seccomp", signal=signal.SIGKILL, syscall="ptrace"))
+    assert classify((128 + signal.SIGTERM) << 8) == ExitInfo(ExitKind.ERROR, code=128 + signal.SIGTERM)
+    sc = ExitInfo.from_reason(decode_wait_status(signal.SIGKILL, violation="ptrace", pid1=True))
     assert sc.kind is ExitKind.SECCOMP and sc.syscall == "ptrace" and "ptrace" in sc.describe()
-    jf = from_exit_reason(ExitReason("jail_failed", code=125, message="jail step 'pivot_root' failed"))
+    jf = ExitInfo.from_reason(decode_wait_status(125 << 8, jail_error="jail step 'pivot_root' failed"))
     assert jf.kind is ExitKind.JAIL_FAILED and "pivot_root" in jf.describe()
+    assert decode_wait_status(125 << 8) == ExitReason(ExitKind.ERROR, code=125)
+
+
+def test_slot_transitions_follow_the_table() -> None:
+    """Only the child moves a slot to ready, only the socket to serving."""
+    import pytest
+
+    from supervisor.slot import DeviceSlot, IllegalTransition, Request, State
+
+    class Spec:
+        name = "rng-0"
+
+    slot = DeviceSlot(spec=Spec())
+    child = object()
+    assert not slot.frontend(True)                   # no child: nothing to serve
+    slot.spawned(child, None, 1.0, 1.0)
+    assert slot.state is State.STARTING and slot.spawns == 1 and slot.restarts == 0
+    assert not slot.frontend(True)                   # not built yet
+    assert not slot.built(object())                  # a stale child's message
+    assert slot.built(child) and slot.state is State.READY and not slot.built(child)
+    assert slot.frontend(True) and slot.state is State.SERVING
+    assert slot.frontend(False) and slot.state is State.READY
+    slot.request(Request.RESTART)
+    assert slot.child_gone(BYE, 2.0) is Request.RESTART and slot.pending is None and slot.child is None
+    slot.fail()
+    with pytest.raises(IllegalTransition):
+        slot._enter(State.READY)
+    slot.spawned(child, None, 3.0, 3.0)
+    assert slot.restarts == 1
+    slot.stop()
+    assert slot.state is State.STOPPED
 
 
 def test_log_lines_text_and_json() -> None:
