@@ -29,6 +29,8 @@ class ExitKind(str, enum.Enum):
     SIGNALED = "signaled"           # killed by a signal
     SECCOMP = "seccomp"             # killed by seccomp (SIGSYS or the notify listener), with the syscall
     JAIL_FAILED = "jail_failed"     # the jail could not be set up
+    SHM_TRUNCATED = "shm_truncated"  # SIGBUS: a shared mapping lost its backing file's pages
+    HUNG = "hung"                   # killed by its supervisor: it stopped answering the heartbeat
 
 
 def signame(sig: int | None) -> str:
@@ -58,6 +60,10 @@ class ExitReason:
             return f"killed by signal {signame(self.signal)}"
         if self.kind is ExitKind.SECCOMP:
             return f"killed by seccomp: {self.syscall}"
+        if self.kind is ExitKind.SHM_TRUNCATED:
+            return "killed by SIGBUS: shared memory truncated"
+        if self.kind is ExitKind.HUNG:
+            return "killed: stopped answering its heartbeat"
         return f"jail set-up failed: {self.message}"
 
 
@@ -76,6 +82,11 @@ def decode_wait_status(status: int, *, violation: str | None = None, jail_error:
             return ExitReason(ExitKind.SECCOMP, signal=sig, syscall=violation)
         if sig == _signal.SIGSYS:  # kill-process filter (forwarder, or no listener)
             return ExitReason(ExitKind.SECCOMP, signal=sig, syscall="unknown (SIGSYS)")
+        if sig == _signal.SIGBUS:
+            # Nothing in a device maps a file but the memfds its front-end sent
+            # (guest RAM, the inflight region): a SIGBUS means the front-end
+            # shrank one after handing it over.
+            return ExitReason(ExitKind.SHM_TRUNCATED, signal=sig)
         return ExitReason(ExitKind.SIGNALED, signal=sig)
     code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else -1
     if violation is not None:

@@ -6,12 +6,16 @@ The child's target builds the device on a fresh ``Executor`` and serves one
 front-end (``conn.run_device``).  It tells the parent "built, waiting for a
 front-end" by writing ``R`` on a status pipe: that is the ``ready`` state.
 Its stderr is a pipe the parent reads and re-logs with ``device=NAME``.
+From then on it answers the parent's heartbeat pings on its event loop (a
+socketpair): a child whose loop is stuck, or that was SIGSTOPped, stops
+answering, and the supervisor's watchdog kills it.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import traceback
@@ -75,12 +79,16 @@ class ReadyBuilder(VhostUserDeviceBuilder):
     """Wraps the device's builder in the child: after ``build`` succeeds, one
     byte on the status pipe tells the parent the device waits for a front-end."""
 
-    def __init__(self, inner: Any, status_fd: int) -> None:
+    def __init__(self, inner: Any, status_fd: int, heartbeat_fd: int | None = None) -> None:
         self._inner = inner
         self._status_fd = status_fd
+        self._hb_fd = heartbeat_fd
 
     def build(self, ex: Any) -> Any:
         device = self._inner.build(ex)
+        if self._hb_fd is not None:
+            os.set_blocking(self._hb_fd, False)
+            ex.loop.add_reader(self._hb_fd, self._answer, ex.loop)
         try:
             os.write(self._status_fd, READY_BYTE)
             os.close(self._status_fd)
@@ -88,11 +96,27 @@ class ReadyBuilder(VhostUserDeviceBuilder):
             pass
         return device
 
+    def _answer(self, loop: Any) -> None:
+        """A ping from the supervisor: echo it, from the loop that serves the device."""
+        fd = self._hb_fd
+        assert fd is not None
+        try:
+            data = os.read(fd, 64)
+            if data:
+                os.write(fd, data)
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        loop.remove_reader(fd)   # the parent is gone: PDEATHSIG will follow
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
 
-def device_target(name: str, conn: Any, builder: Any, status_fd: int) -> Callable[[], int]:
+def device_target(name: str, conn: Any, builder: Any, status_fd: int,
+                  heartbeat_fd: int | None = None) -> Callable[[], int]:
     """The function a child runs after jailing: serve one front-end, then exit."""
 
     def target() -> int:
@@ -102,7 +126,7 @@ def device_target(name: str, conn: Any, builder: Any, status_fd: int) -> Callabl
         try:
             setup_child_logging()
             ex = Executor()
-            conn.run_device(ex, ReadyBuilder(builder, status_fd))
+            conn.run_device(ex, ReadyBuilder(builder, status_fd, heartbeat_fd))
         except SystemExit as e:
             return e.code if isinstance(e.code, int) else 1
         except BaseException:  # noqa: BLE001 - the child reports and exits non-zero
@@ -127,6 +151,7 @@ class ChildProcess:
     status_fd: int                # read end of the status pipe
     jailed: Any = None            # sandbox.JailedChild, or None for a plain fork
     reaped: bool = False
+    heartbeat_fd: int = -1        # our end of the heartbeat socketpair (non-blocking)
 
     device_pid: int = 0           # the process that runs the device (jailed: the forwarder's child)
 
@@ -173,14 +198,14 @@ class ChildProcess:
 
     def close(self) -> None:
         """Close our fds; the jailed child's own (pidfd, violation fd) are closed by it."""
-        fds = [self.log_fd, self.status_fd] + ([self.pidfd] if self.jailed is None else [])
+        fds = [self.log_fd, self.status_fd, self.heartbeat_fd] + ([self.pidfd] if self.jailed is None else [])
         for fd in fds:
             if fd >= 0:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-        self.log_fd = self.status_fd = -1
+        self.log_fd = self.status_fd = self.heartbeat_fd = -1
         if self.jailed is not None:
             try:
                 self.jailed.close()
@@ -267,29 +292,35 @@ def spawn_child(*, name: str, conn: Any, builder: Any, keep_fds: list[int], sand
     _check_single_threaded()
     log_r, log_w = os.pipe2(os.O_CLOEXEC)
     st_r, st_w = os.pipe2(os.O_CLOEXEC)
+    hb_parent, hb_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    hb_r = hb_parent.detach()
+    hb_w = hb_child.detach()
     os.set_blocking(log_r, False)
     os.set_blocking(st_r, False)
-    keep = sorted(set(keep_fds) | {st_w})
-    target = device_target(name, conn, builder, st_w)
+    os.set_blocking(hb_r, False)
+    keep = sorted(set(keep_fds) | {st_w, hb_w})
+    target = device_target(name, conn, builder, st_w, hb_w)
     try:
         if sandboxed:
             import sandbox
             cfg = sandbox.JailConfig(name=name, keep_fds=keep, log_fd=log_w, **(jail_kwargs or {}))
             jailed = sandbox.spawn(cfg, target)
             child = ChildProcess(pid=jailed.pid, pidfd=jailed.pidfd, log_fd=log_r, status_fd=st_r,
-                                 jailed=jailed)
+                                 jailed=jailed, heartbeat_fd=hb_r)
         else:
             parent = os.getpid()
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
                 _plain_child(target, set(keep), log_w, parent, name)
-            child = ChildProcess(pid=pid, pidfd=os.pidfd_open(pid), log_fd=log_r, status_fd=st_r)
+            child = ChildProcess(pid=pid, pidfd=os.pidfd_open(pid), log_fd=log_r, status_fd=st_r,
+                                 heartbeat_fd=hb_r)
     except BaseException:
-        for fd in (log_r, st_r):
+        for fd in (log_r, st_r, hb_r):
             os.close(fd)
         raise
     finally:
         os.close(log_w)
         os.close(st_w)
+        os.close(hb_w)
     return child

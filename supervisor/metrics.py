@@ -1,24 +1,24 @@
 """What ``status`` shows about a child beyond the supervisor's own state.
 
-Memory and CPU come from psutil.  "Front-end connected" comes from
-``/proc/net/unix``: the child accepts in its own process, out of the parent's
-sight, but every socket the kernel creates for a connection to our listening
-path carries that path.  An entry with our path that is not the listener
-(no ``__SO_ACCEPTCON``) is a front-end: state 02 (connecting) while it waits
-in the accept queue, 03 (connected) once the child accepted it.  This needs
-no cooperation from the (jailed, possibly hostile) child.
+Memory and CPU come from psutil.  "Front-end connected" comes from the
+kernel, asked through sock_diag about single inodes (supervisor/sockdiag.py),
+never from a scan of every Unix socket on the host: the listener's accept
+queue length says whether a front-end is waiting, and among the sockets the
+device child holds (its fd table, a handful of entries) one that carries our
+path and has a live peer is an accepted front-end.  This needs no
+cooperation from the (jailed, possibly hostile) child: it cannot fake an fd
+table entry, and an accepted socket's name is the listener's.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import psutil
 
-SO_ACCEPTCON = 0x10000
-SS_CONNECTING = 2
-SS_CONNECTED = 3
+from .sockdiag import SockDiag
 
 
 @dataclass
@@ -38,33 +38,41 @@ class FrontendState:
         return "no"
 
 
-def unix_connections(paths: set[str]) -> dict[str, FrontendState]:
-    """One read of /proc/net/unix for all our device sockets."""
-    out = {p: FrontendState() for p in paths}
-    if not paths:
-        return out
+def socket_inodes(pid: int) -> list[int]:
+    """Inodes of the sockets in ``pid``'s fd table (cost: that process's fds only)."""
+    out = []
+    base = f"/proc/{pid}/fd"
     try:
-        with open("/proc/net/unix", encoding="utf-8", errors="replace") as f:
-            next(f, None)
-            for line in f:
-                fields = line.split(None, 7)
-                if len(fields) < 8:
-                    continue
-                path = fields[7].rstrip("\n")
-                st = out.get(path)
-                if st is None:
-                    continue
-                flags = int(fields[3], 16)
-                if flags & SO_ACCEPTCON:
-                    continue
-                state = int(fields[5], 16)
-                if state == SS_CONNECTED:
-                    st.accepted += 1
-                elif state == SS_CONNECTING:
-                    st.queued += 1
+        names = os.listdir(base)
     except OSError:
-        pass
+        return out
+    for fd in names:
+        try:
+            link = os.readlink(f"{base}/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            out.append(int(link[8:-1]))
     return out
+
+
+def frontend_state(diag: SockDiag, path: str, listener_inode: int | None, pid: int | None) -> FrontendState:
+    """Queued (the listener's accept queue) and accepted (sockets of ``pid``
+    named ``path`` with a live peer) front-ends of one device socket."""
+    st = FrontendState()
+    want = os.fsencode(path)
+    if listener_inode is not None:
+        lst = diag.query(listener_inode)
+        if lst is not None and lst.rqueue:
+            st.queued = lst.rqueue
+    if pid:
+        for ino in socket_inodes(pid):
+            if ino == listener_inode:
+                continue
+            s = diag.query(ino)
+            if s is not None and s.name == want and s.connected:
+                st.accepted += 1
+    return st
 
 
 def process_metrics(proc: psutil.Process | None, full: bool = False) -> dict[str, Any]:
@@ -86,9 +94,3 @@ def process_metrics(proc: psutil.Process | None, full: bool = False) -> dict[str
             return out
     except (psutil.Error, OSError):
         return {}
-
-
-def child_memory(pid: int) -> dict[str, int]:
-    """USS and PSS of one process (the memory-per-device benchmark)."""
-    mem = psutil.Process(pid).memory_full_info()
-    return {"rss": mem.rss, "uss": mem.uss, "pss": getattr(mem, "pss", 0)}

@@ -43,8 +43,9 @@ def test_restart_after_sigkill_same_socket(sup: SupervisorProc) -> None:
 
 
 def test_crash_loop_breaker_and_restart_command(sup: SupervisorProc) -> None:
+    """crash-loop=fail: today's breaker, for operators who want it."""
     rng = sup.path("rng.sock")
-    sup.start(*NOSANDBOX, "--rng", f"vhost={rng}")
+    sup.start(*NOSANDBOX, "--rng", f"vhost={rng},crash-loop=fail")
     t0 = time.monotonic()
     pids = set()
     for i in range(5):

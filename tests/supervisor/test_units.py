@@ -16,7 +16,8 @@ import socket
 
 from supervisor import logs
 from supervisor.child import classify
-from supervisor.metrics import unix_connections
+from supervisor.metrics import frontend_state
+from supervisor.sockdiag import SockDiag
 from supervisor.notify import Notifier
 from supervisor.slot import ExitInfo, ExitKind, RestartTracker, should_restart
 from supervisor.status import format_table, human_bytes, human_duration
@@ -114,6 +115,11 @@ def test_slot_transitions_follow_the_table() -> None:
         slot._enter(State.READY)
     slot.spawned(child, None, 3.0, 3.0)
     assert slot.restarts == 1
+    with pytest.raises(IllegalTransition):   # "stopped" while a process runs: never
+        slot.stop()
+    slot.request(Request.STOP)
+    assert slot.state is State.STOPPING and not slot.built(child)
+    slot.child_gone(BYE, 4.0)
     slot.stop()
     assert slot.state is State.STOPPED
 
@@ -172,34 +178,64 @@ def test_status_table() -> None:
     assert human_bytes(22 << 20) == "22.0M" and human_duration(59.94) == "59.9s" and human_duration(None) == "-"
 
 
-def test_unix_connections_sees_queued_and_accepted() -> None:
+def test_frontend_state_sees_queued_and_accepted() -> None:
+    """sock_diag by inode: the listener's accept queue, and an accepted socket
+    (held here by this process) that carries the listener's path."""
     path = "/tmp/vs-conn-test.sock"
     if os.path.exists(path):
         os.unlink(path)
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(path)
     srv.listen()
+    diag = SockDiag()
+    lino = os.fstat(srv.fileno()).st_ino
+    me = os.getpid()
     try:
-        assert not unix_connections({path})[path].connected
+        assert not frontend_state(diag, path, lino, me).connected
         c = socket.socket(socket.AF_UNIX)
         c.connect(path)
-        st = unix_connections({path})[path]
+        st = frontend_state(diag, path, lino, me)
         assert st.queued == 1 and st.accepted == 0 and st.describe() == "queued"
         a, _ = srv.accept()
-        st = unix_connections({path})[path]
-        assert st.accepted == 1 and st.describe() == "yes"
-        a.close()
+        st = frontend_state(diag, path, lino, me)
+        # the client end is ours too, but it is not named after the path
+        assert st.accepted == 1 and st.queued == 0 and st.describe() == "yes"
         c.close()
-        assert not unix_connections({path})[path].connected
+        assert not frontend_state(diag, path, lino, me).connected   # peer gone
+        a.close()
+        assert diag.query(os.fstat(srv.fileno()).st_ino + 10**9) is None
     finally:
+        diag.close()
         srv.close()
         os.unlink(path)
 
 
-def test_line_budget_drops_a_flood_and_counts_it() -> None:
-    b = logs.LineBudget(rate=10.0, burst=5.0)
-    allowed = sum(b.allow() for _ in range(100))
-    assert allowed in (5, 6)
-    assert b.take_suppressed() == 100 - allowed and b.take_suppressed() == 0
-    b.stamp -= 1.0      # a second later the bucket has refilled (up to the burst)
-    assert sum(b.allow() for _ in range(100)) == 5
+def test_log_budget_drops_a_flood_and_counts_it() -> None:
+    b = logs.LogBudget(rate=10.0, burst=5.0, byte_rate=1000.0, byte_burst=100.0)
+    allowed = sum(b.admit(b"x") for _ in range(100))
+    assert allowed in (5, 6) and b.exhausted
+    assert b.report_due(final=True) == (100 - allowed, 100 - allowed) and b.report_due(final=True) is None
+    b.refill(b.stamp + 1.0)     # a second later the buckets have refilled (up to the bursts)
+    assert sum(b.admit(b"x" * 30) for _ in range(10)) == 3      # 100 bytes of burst: three 30-byte lines
+    assert b.total_dropped == 100 - allowed + 7
+
+
+def test_clean_exits_burst_then_one_per_second() -> None:
+    from supervisor.slot import CLEAN_BURST, CleanExitLimiter
+    lim = CleanExitLimiter()
+    assert [lim.delay(0.0) for _ in range(CLEAN_BURST)] == [0.0] * CLEAN_BURST
+    now, starts = 0.0, []
+    for _ in range(20):            # each next child starts when its delay is over
+        now += lim.delay(now)
+        starts.append(now)
+    assert starts[-1] >= 19.0 and all(b - a >= 0.999 for a, b in zip(starts, starts[1:]))
+    assert lim.summary_due(now) == (CLEAN_BURST + 20, 20) and lim.summary_due(now) is None
+
+
+def test_crash_loop_backoff_doubles_to_five_minutes() -> None:
+    from supervisor.slot import CRASH_LOOP_MAX
+    t = RestartTracker()
+    out = [t.record_exit(CRASH, float(i), uptime=0.1) for i in range(16)]
+    assert [o[0] for o in out[:5]] == [False] * 4 + [True]
+    assert out[4][1] == 1.6 and out[5][1] == 3.2           # past the breaker: still doubling
+    assert out[-1] == (True, CRASH_LOOP_MAX)
