@@ -43,7 +43,7 @@ CHILD_MODULES = (
     "asyncio.unix_events", "uvloop", "mmap", "fcntl", "struct", "array", "selectors",
     "encodings.idna", "encodings.ascii", "encodings.latin_1",
 )
-FRONTEND_REFRESH = 1.0     # seconds between front-end checks (sock_diag) while a child is ready/serving
+TICK = 1.0     # seconds between heartbeat rounds (less for a watchdog-sec under 4 s)
 MAX_LOG_LINE = 4096        # a child's stderr line is cut here (a hostile child cannot bloat us)
 LOG_READ = 1 << 20         # one read takes whatever the pipe holds
 LOG_PAUSE = 0.5            # over budget: stop reading this long (the child blocks on its own full pipe)
@@ -526,18 +526,22 @@ class Supervisor:
         """1 s, or a quarter of the smallest watchdog-sec, so a hang is seen in time."""
         wds = [float(getattr(s.spec, "watchdog_sec", 0) or 0) for s in self.slots.values()]
         wds = [w for w in wds if w > 0]
-        return min([FRONTEND_REFRESH] + [w / 4 for w in wds])
+        return min([TICK] + [w / 4 for w in wds])
 
     def _schedule_refresh(self) -> None:
         assert self.loop is not None
         self._refresh_handle = self.loop.call_later(self._tick_interval(), self._refresh_tick)
 
     def _refresh_tick(self) -> None:
-        """The supervisor's one periodic job: heartbeats, front-ends, summary lines."""
+        """The supervisor's one periodic job: heartbeats and summary lines.
+
+        Front-ends are not polled: a child serves one front-end and exits
+        when it leaves, so ``serving`` begins when the child says it accepted
+        (its log line, checked against the kernel) or when status is asked,
+        and ends with the child.  An idle supervisor asks the kernel nothing."""
         if self.stopping:
             return
         self.check_heartbeats()
-        self.refresh_frontends()
         now = time.monotonic()
         for s in self.slots.values():
             due = s.clean_exits.summary_due(now)
