@@ -14,8 +14,12 @@ Run: ``python -m benchmarks.containment [--seconds N] [--code DIR] [--out FILE]`
   garbage and closes; the supervisor's CPU over the storm, the children it
   started and the bytes of log it wrote.
 * idle with 50k unrelated Unix sockets held by other processes: the
-  supervisor's CPU over ``--seconds`` with one idle device (its periodic
-  front-end check runs once per second).  Goal: < 1 %.
+  supervisor's CPU over ``--seconds`` with one idle device.  Goal: < 1 %.
+* the front-end check itself (``metrics.frontend_state``: our listener and
+  one accepted socket), per call, with 0 and 50k host sockets; beside it an
+  exact sock_diag ``UNIX_DIAG`` request by inode (no dump), the alternative
+  that was measured and rejected: the kernel walks every socket of the
+  namespace to find the inode.
 
 Nothing here is asserted: benchmarks are not tests.
 """
@@ -202,6 +206,51 @@ def bench_idle_sockets(code: str, n: int, seconds: float) -> dict[str, Any]:
             os.waitpid(pid, 0)
 
 
+def _sock_diag_exact(inode: int) -> None:
+    """One NETLINK_SOCK_DIAG / UNIX_DIAG request for one inode (no NLM_F_DUMP)."""
+    nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, 4)
+    try:
+        req = struct.pack("=BBHIIIII", socket.AF_UNIX, 0, 0, 0xFFFFFFFF, inode, 0x10, 0xFFFFFFFF, 0xFFFFFFFF)
+        nl.send(struct.pack("=IHHII", 16 + len(req), 20, 1, 1, 0) + req)
+        nl.recv(65536)
+    finally:
+        nl.close()
+
+
+def bench_frontend_check(n: int, calls: int = 200) -> dict[str, float]:
+    """µs per frontend_state() call and per exact sock_diag request, with ``n`` host sockets."""
+    from supervisor.metrics import frontend_state
+    holders = hold_unix_sockets(n) if n else []
+    work = tempfile.mkdtemp(prefix="vs-fe-", dir="/tmp")
+    path = os.path.join(work, "s.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen()
+    c = socket.socket(socket.AF_UNIX)
+    c.connect(path)
+    a, _ = srv.accept()
+    pidfd = os.pidfd_open(os.getpid())
+    try:
+        lino = os.fstat(srv.fileno()).st_ino
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            frontend_state(path, srv.fileno(), lino, os.getpid(), pidfd)
+        fe = (time.perf_counter() - t0) / calls * 1e6
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            _sock_diag_exact(lino)
+        diag = (time.perf_counter() - t0) / calls * 1e6
+        return {"frontend_us": fe, "sock_diag_us": diag, "own_fds": len(os.listdir("/proc/self/fd"))}
+    finally:
+        os.close(pidfd)
+        for s in (a, c, srv):
+            s.close()
+        shutil.rmtree(work, ignore_errors=True)
+        for pid in holders:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.containment")
     ap.add_argument("--seconds", type=float, default=10.0)
@@ -229,6 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         i = bench_idle_sockets(code, n, a.seconds)
         lines.append(f"| idle, {n} unrelated Unix sockets on the host{' (goal < 1 %)' if n else ''} | "
                      f"{i['cpu']:.2f} | {i['wall']:.0f} s |")
+        print(lines[-1], flush=True)
+    lines += ["", "| host Unix sockets | frontend_state() per call (µs) | exact sock_diag request (µs) |",
+              "|---:|---:|---:|"]
+    for n in (0, a.sockets):
+        fc = bench_frontend_check(n)
+        lines.append(f"| {n} | {fc['frontend_us']:.0f} | {fc['sock_diag_us']:.0f} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines)
     print("\n" + text)

@@ -152,12 +152,23 @@ class ChildProcess:
     jailed: Any = None            # sandbox.JailedChild, or None for a plain fork
     reaped: bool = False
     heartbeat_fd: int = -1        # our end of the heartbeat socketpair (non-blocking)
+    _device_pidfd: int = -1       # jailed: a pidfd of the device process itself
 
     device_pid: int = 0           # the process that runs the device (jailed: the forwarder's child)
 
     def __post_init__(self) -> None:
         if not self.device_pid:
             self.device_pid = int(getattr(self.jailed, "device_pid", None) or self.pid)
+        if self.jailed is not None and self.device_pid != self.pid:
+            try:
+                self._device_pidfd = os.pidfd_open(self.device_pid)
+            except OSError:
+                self._device_pidfd = -1
+
+    @property
+    def device_pidfd(self) -> int:
+        """A pidfd of the process that runs the device (the front-end check reads its fds)."""
+        return self.pidfd if self.jailed is None or self.device_pid == self.pid else self._device_pidfd
 
     def exit_info(self, status: int) -> ExitInfo:
         """Classify a wait status of ``pid`` (the jail knows about seccomp and set-up failures)."""
@@ -198,14 +209,15 @@ class ChildProcess:
 
     def close(self) -> None:
         """Close our fds; the jailed child's own (pidfd, violation fd) are closed by it."""
-        fds = [self.log_fd, self.status_fd, self.heartbeat_fd] + ([self.pidfd] if self.jailed is None else [])
+        fds = [self.log_fd, self.status_fd, self.heartbeat_fd, self._device_pidfd] + \
+            ([self.pidfd] if self.jailed is None else [])
         for fd in fds:
             if fd >= 0:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-        self.log_fd = self.status_fd = self.heartbeat_fd = -1
+        self.log_fd = self.status_fd = self.heartbeat_fd = self._device_pidfd = -1
         if self.jailed is not None:
             try:
                 self.jailed.close()

@@ -210,7 +210,7 @@ class DeviceSlot:
     builder: Any = None              # devices.base.DeviceBuilder
     resources: Any = None            # connection.ParentResources (unlinks the socket)
     socket_inode: int | None = None  # the socket file's (status, tests)
-    listener_inode: int | None = None  # the listening socket's own (sock_diag)
+    listener_inode: int | None = None  # the listening socket's own (told apart in the child's fds)
     state: State = State.STOPPED     # changed only through the transition methods below
     child: Any = None                # supervisor.child.ChildProcess or None
     started_at: float | None = None  # monotonic time the current child was spawned

@@ -32,7 +32,6 @@ from .metrics import FrontendState, frontend_state, process_metrics
 from .notify import Notifier
 from .slot import CLEAN_BURST, CLEAN_RATE, CLEAN_SUMMARY_EVERY, DeviceSlot, ExitInfo, ExitKind, Request, State, \
     should_restart
-from .sockdiag import SockDiag
 
 #: Imported before the first fork: after pivot_root a child can import nothing.
 CHILD_MODULES = (
@@ -81,7 +80,6 @@ class Supervisor:
         self._log_bufs: dict[int, bytearray] = {}
         self._refresh_handle: asyncio.TimerHandle | None = None
         self._watchdog_handle: asyncio.TimerHandle | None = None
-        self.diag: SockDiag | None = None
         self._force_kill = False
 
     # ------------------------------------------------------------------ run
@@ -167,7 +165,6 @@ class Supervisor:
         """Listen on every device socket (and the control socket) before any fork."""
         from connection.connection import VhostUserListener
         self.assign_ids()
-        self.diag = SockDiag()
         for slot in self.slots.values():
             path = slot.spec.socket
             if os.path.exists(path) and socket_in_use(path):
@@ -319,7 +316,7 @@ class Supervisor:
             logs.event(slot.name, "log-dropped", logging.WARNING, pid=child.device_pid, lines=due[0],
                        bytes=due[1], msg=f"device={slot.name} dropped {due[0]} log lines")
         if hint and not final:
-            # The child says it accepted; the kernel (sock_diag) is what we believe.
+            # The child says it accepted; its fd table (metrics.frontend_state) is what we believe.
             self.refresh_frontends()
         if eof:
             if buf and budget.admit(bytes(buf)):
@@ -573,14 +570,16 @@ class Supervisor:
                     pass   # a full or closed channel: the age tells
 
     def refresh_frontends(self) -> dict[str, FrontendState]:
-        """Move children between ``ready`` and ``serving`` (sock_diag, see metrics.py)."""
+        """Move children between ``ready`` and ``serving`` (see metrics.frontend_state)."""
         out: dict[str, FrontendState] = {}
-        if self.diag is None:
-            return out
         for s in self.slots.values():
-            pid = s.child.device_pid if s.child is not None and s.state in (State.READY, State.SERVING) else None
+            if s.listener is None:
+                continue
+            live = s.child is not None and s.state in (State.READY, State.SERVING)
+            pid = s.child.device_pid if live else None
             try:
-                st = frontend_state(self.diag, s.spec.socket, s.listener_inode, pid)
+                st = frontend_state(s.spec.socket, s.listener.fileno(), s.listener_inode, pid,
+                                    s.child.device_pidfd if live else None)
             except OSError as e:
                 logs.event(s.name, "frontend-query-failed", logging.WARNING, error=str(e))
                 continue
@@ -745,9 +744,6 @@ class Supervisor:
         if self.control is not None:
             await self.control.close()
         self.close_resources()
-        if self.diag is not None:
-            self.diag.close()
-            self.diag = None
         logs.event(None, "stopped", summary=self.summary())
         self.notifier.close()
 

@@ -335,7 +335,7 @@ def test_frontend_state_cost_does_not_grow_with_host_unix_sockets(sup: Superviso
             for _ in range(10):      # each status request asks about every front-end
                 assert sup.wait_state("rng-0", "serving")["frontend"] == "yes"
             read = rchar() - before
-        # /proc/net/unix with 20k sockets is ~2 MB per scan; sock_diag answers are ~100 bytes
+        # /proc/net/unix with 20k sockets is ~2 MB per scan; the child's fd table is a few entries
         assert read < 256 << 10, f"the supervisor read {read} bytes for 10 status requests"
         sup.wait_state("rng-0", "ready", pred=lambda d: d["frontend"] == "no")
         assert sup.terminate() == 0

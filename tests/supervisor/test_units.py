@@ -17,7 +17,6 @@ import socket
 from supervisor import logs
 from supervisor.child import classify
 from supervisor.metrics import frontend_state
-from supervisor.sockdiag import SockDiag
 from supervisor.notify import Notifier
 from supervisor.slot import ExitInfo, ExitKind, RestartTracker, should_restart
 from supervisor.status import format_table, human_bytes, human_duration
@@ -179,33 +178,32 @@ def test_status_table() -> None:
 
 
 def test_frontend_state_sees_queued_and_accepted() -> None:
-    """sock_diag by inode: the listener's accept queue, and an accepted socket
-    (held here by this process) that carries the listener's path."""
+    """The listener's accept queue, and an accepted socket (held here, read
+    through pidfd_getfd like a child's) that carries the listener's path."""
     path = "/tmp/vs-conn-test.sock"
     if os.path.exists(path):
         os.unlink(path)
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(path)
     srv.listen()
-    diag = SockDiag()
-    lino = os.fstat(srv.fileno()).st_ino
+    lfd, lino = srv.fileno(), os.fstat(srv.fileno()).st_ino
     me = os.getpid()
+    pidfd = os.pidfd_open(me)
     try:
-        assert not frontend_state(diag, path, lino, me).connected
+        assert not frontend_state(path, lfd, lino, me, pidfd).connected
         c = socket.socket(socket.AF_UNIX)
         c.connect(path)
-        st = frontend_state(diag, path, lino, me)
+        st = frontend_state(path, lfd, lino, me, pidfd)
         assert st.queued == 1 and st.accepted == 0 and st.describe() == "queued"
         a, _ = srv.accept()
-        st = frontend_state(diag, path, lino, me)
+        st = frontend_state(path, lfd, lino, me, pidfd)
         # the client end is ours too, but it is not named after the path
         assert st.accepted == 1 and st.queued == 0 and st.describe() == "yes"
         c.close()
-        assert not frontend_state(diag, path, lino, me).connected   # peer gone
+        assert not frontend_state(path, lfd, lino, me, pidfd).connected   # the peer hung up
         a.close()
-        assert diag.query(os.fstat(srv.fileno()).st_ino + 10**9) is None
     finally:
-        diag.close()
+        os.close(pidfd)
         srv.close()
         os.unlink(path)
 
