@@ -155,7 +155,9 @@ class Supervisor:
                 check_unused(rng, skip_pids=frozenset({os.getpid()}))
             ids = allocate(rng, list(self.slots), fixed)
         except IdRangeError as e:
-            raise ConfigError(str(e), "uid-range") from None
+            hint = ("; is another supervisor using it? give each its own uid-range"
+                    if "process" in str(e) else "")
+            raise ConfigError(f"{e}{hint}", "uid-range") from None
         for name, (uid, gid) in ids.items():
             slot = self.slots[name]
             slot.uid, slot.gid = uid, gid
