@@ -237,3 +237,42 @@ def test_crash_loop_backoff_doubles_to_five_minutes() -> None:
     assert [o[0] for o in out[:5]] == [False] * 4 + [True]
     assert out[4][1] == 1.6 and out[5][1] == 3.2           # past the breaker: still doubling
     assert out[-1] == (True, CRASH_LOOP_MAX)
+
+
+def test_containment_options_parsed_and_bad_values_name_the_key(sup_dir: str) -> None:
+    import pytest
+
+    from supervisor.config import DEFAULT_UID_RANGE, ConfigError, build_config, load_toml
+    cfg = build_config(ordered_flags=[("rng", f"vhost={sup_dir}/a.sock,watchdog-sec=2.5,crash-loop=fail"),
+                                      ("rng", f"vhost={sup_dir}/b.sock")], control_socket=f"{sup_dir}/c.sock")
+    a, b = cfg.devices
+    assert (a.watchdog_sec, a.crash_loop, a.jail_user) == (2.5, "fail", None)
+    assert (b.watchdog_sec, b.crash_loop) == (5.0, "backoff") and cfg.uid_range == DEFAULT_UID_RANGE
+    for opt, key in (("watchdog-sec=soon", "watchdog-sec"), ("watchdog-sec=0.01", "watchdog-sec"),
+                     ("crash-loop=panic", "crash-loop")):
+        with pytest.raises(ConfigError) as ei:
+            build_config(ordered_flags=[("rng", f"vhost={sup_dir}/a.sock,{opt}")], control_socket=f"{sup_dir}/c.sock")
+        assert (ei.value.key, ei.value.device) == (key, "rng-0"), str(ei.value)
+    path = os.path.join(sup_dir, "s.toml")
+    for text in ('uid-range = "5-1"', 'uid-range = "100-200"', 'uid-range = "lots"'):
+        with open(path, "w") as f:
+            f.write(f"[supervisor]\n{text}\n")
+        with pytest.raises(ConfigError) as ei:
+            load_toml(path)
+        assert ei.value.key == "uid-range", str(ei.value)
+    with open(path, "w") as f:
+        f.write('[supervisor]\nuid-range = "2000000000-2000000009"\n')
+    assert load_toml(path).uid_range == (2000000000, 10)
+
+
+def test_uid_allocation_one_id_per_device_skipping_fixed_ones() -> None:
+    import pytest
+
+    from sandbox.idrange import IdRange, IdRangeError, allocate, users_of
+    rng = IdRange(5000, 4)
+    got = allocate(rng, ["a", "b", "c", "d"], {"b": (5001, 5001)})
+    assert got == {"a": (5000, 5000), "b": (5001, 5001), "c": (5002, 5002), "d": (5003, 5003)}
+    with pytest.raises(IdRangeError):
+        allocate(rng, ["a", "b", "c", "d", "e"], {})
+    assert any("process" in u for u in users_of(IdRange(0, 1)))      # root runs processes
+    assert any("'nobody'" in u for u in users_of(IdRange(65534, 1)))
