@@ -46,7 +46,7 @@ def _spawn(config: JailConfig) -> tuple[float, float]:
     t2 = time.perf_counter()
     reason = child.decode_status(status)
     child.close()
-    if reason.kind != "exited" or reason.code != 0:
+    if reason.kind != "disconnected" or reason.code != 0:
         raise RuntimeError(f"{config.name}: {reason}")
     return t1 - t0, t2 - t0
 

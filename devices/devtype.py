@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 #: is not reserved because crosvm's ``--serial type=`` is the console's; in a
 #: TOML ``[[device]]`` table ``type`` names the device type, so an option
 #: called ``type`` can only be given on the command line.)
-RESERVED = frozenset({"vhost", "name", "restart", "jail-user",
+RESERVED = frozenset({"vhost", "name", "restart", "jail-user", "watchdog-sec", "crash-loop",
                       "socket-path", "fd", "print-capabilities", "log-level"})
 #: Keys every type accepts and ignores: ``vhost`` is the socket (the
 #: supervisor's), ``pci-address`` concerns the VMM.

@@ -3,8 +3,7 @@
 The parent gets a JailedChild: `pid`/`pidfd` of the process whose exit status
 is the device's (the forwarder, see jail.py), `violation_fd` (the seccomp
 listener: readable when the device attempted a forbidden syscall) and
-`decode_status()`, which turns a wait status into an ExitReason:
-exited(code) / signaled(sig) / seccomp(syscall) / jail_failed(msg).
+`decode_status()`, which turns a wait status into an ExitReason (exits.py).
 """
 
 from __future__ import annotations
@@ -16,33 +15,13 @@ import socket
 import sys
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from . import jail, notify, userns
 from .compiler import syscall_name
 from .config import JAIL_SETUP_FAILED, JailConfig, JailError
+from .exits import ExitReason, decode_wait_status
 
 HANDSHAKE_TIMEOUT = 10.0
-
-
-@dataclass(frozen=True)
-class ExitReason:
-    """Why a jailed child ended."""
-
-    kind: str  # "exited" | "signaled" | "seccomp" | "jail_failed"
-    code: int | None = None
-    signal: int | None = None
-    syscall: str | None = None
-    message: str | None = None
-
-    def __str__(self) -> str:
-        if self.kind == "exited":
-            return f"exited with status {self.code}"
-        if self.kind == "signaled":
-            return f"killed by signal {signal.Signals(self.signal).name if self.signal else '?'}"
-        if self.kind == "seccomp":
-            return f"killed by seccomp: {self.syscall}"
-        return f"jail set-up failed: {self.message}"
 
 
 class JailedChild:
@@ -95,23 +74,12 @@ class JailedChild:
             pass
 
     def decode_status(self, status: int) -> ExitReason:
-        """Turn a wait status of `pid` into an ExitReason."""
+        """Turn a wait status of `pid` into an ExitReason (exits.decode_wait_status;
+        the device is pid 1 of its namespace, so exit(128 + SIGTERM) is SIGTERM)."""
 
         if self.violation is None and self.violation_fd is not None:
             self.read_violation()
-        if os.WIFSIGNALED(status):
-            sig = os.WTERMSIG(status)
-            if self.violation is not None:
-                return ExitReason("seccomp", signal=sig, syscall=self.violation)
-            if sig == signal.SIGSYS:  # kill-process filter (forwarder, or no listener)
-                return ExitReason("seccomp", signal=sig, syscall="unknown (SIGSYS)")
-            return ExitReason("signaled", signal=sig)
-        code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else -1
-        if self.violation is not None:
-            return ExitReason("seccomp", code=code, syscall=self.violation)
-        if code == JAIL_SETUP_FAILED and self.jail_error is not None:
-            return ExitReason("jail_failed", code=code, message=self.jail_error)
-        return ExitReason("exited", code=code)
+        return decode_wait_status(status, violation=self.violation, jail_error=self.jail_error, pid1=True)
 
     def close(self) -> None:
         """Close the parent's fds (after the child was reaped)."""

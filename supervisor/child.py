@@ -6,12 +6,16 @@ The child's target builds the device on a fresh ``Executor`` and serves one
 front-end (``conn.run_device``).  It tells the parent "built, waiting for a
 front-end" by writing ``R`` on a status pipe: that is the ``ready`` state.
 Its stderr is a pipe the parent reads and re-logs with ``device=NAME``.
+From then on it answers the parent's heartbeat pings on its event loop (a
+socketpair): a child whose loop is stuck, or that was SIGSTOPped, stops
+answering, and the supervisor's watchdog kills it.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 import threading
 import traceback
@@ -20,7 +24,9 @@ from typing import Any, Callable
 
 from connection.device import VhostUserDeviceBuilder
 
-from .slot import ExitInfo, ExitKind
+from sandbox.exits import decode_wait_status
+
+from .slot import ExitInfo
 
 READY_BYTE = b"R"
 
@@ -73,12 +79,16 @@ class ReadyBuilder(VhostUserDeviceBuilder):
     """Wraps the device's builder in the child: after ``build`` succeeds, one
     byte on the status pipe tells the parent the device waits for a front-end."""
 
-    def __init__(self, inner: Any, status_fd: int) -> None:
+    def __init__(self, inner: Any, status_fd: int, heartbeat_fd: int | None = None) -> None:
         self._inner = inner
         self._status_fd = status_fd
+        self._hb_fd = heartbeat_fd
 
     def build(self, ex: Any) -> Any:
         device = self._inner.build(ex)
+        if self._hb_fd is not None:
+            os.set_blocking(self._hb_fd, False)
+            ex.loop.add_reader(self._hb_fd, self._answer, ex.loop)
         try:
             os.write(self._status_fd, READY_BYTE)
             os.close(self._status_fd)
@@ -86,11 +96,27 @@ class ReadyBuilder(VhostUserDeviceBuilder):
             pass
         return device
 
+    def _answer(self, loop: Any) -> None:
+        """A ping from the supervisor: echo it, from the loop that serves the device."""
+        fd = self._hb_fd
+        assert fd is not None
+        try:
+            data = os.read(fd, 64)
+            if data:
+                os.write(fd, data)
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        loop.remove_reader(fd)   # the parent is gone: PDEATHSIG will follow
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
 
-def device_target(name: str, conn: Any, builder: Any, status_fd: int) -> Callable[[], int]:
+def device_target(name: str, conn: Any, builder: Any, status_fd: int,
+                  heartbeat_fd: int | None = None) -> Callable[[], int]:
     """The function a child runs after jailing: serve one front-end, then exit."""
 
     def target() -> int:
@@ -100,7 +126,7 @@ def device_target(name: str, conn: Any, builder: Any, status_fd: int) -> Callabl
         try:
             setup_child_logging()
             ex = Executor()
-            conn.run_device(ex, ReadyBuilder(builder, status_fd))
+            conn.run_device(ex, ReadyBuilder(builder, status_fd, heartbeat_fd))
         except SystemExit as e:
             return e.code if isinstance(e.code, int) else 1
         except BaseException:  # noqa: BLE001 - the child reports and exits non-zero
@@ -125,17 +151,29 @@ class ChildProcess:
     status_fd: int                # read end of the status pipe
     jailed: Any = None            # sandbox.JailedChild, or None for a plain fork
     reaped: bool = False
+    heartbeat_fd: int = -1        # our end of the heartbeat socketpair (non-blocking)
+    _device_pidfd: int = -1       # jailed: a pidfd of the device process itself
 
     device_pid: int = 0           # the process that runs the device (jailed: the forwarder's child)
 
     def __post_init__(self) -> None:
         if not self.device_pid:
             self.device_pid = int(getattr(self.jailed, "device_pid", None) or self.pid)
+        if self.jailed is not None and self.device_pid != self.pid:
+            try:
+                self._device_pidfd = os.pidfd_open(self.device_pid)
+            except OSError:
+                self._device_pidfd = -1
+
+    @property
+    def device_pidfd(self) -> int:
+        """A pidfd of the process that runs the device (the front-end check reads its fds)."""
+        return self.pidfd if self.jailed is None or self.device_pid == self.pid else self._device_pidfd
 
     def exit_info(self, status: int) -> ExitInfo:
         """Classify a wait status of ``pid`` (the jail knows about seccomp and set-up failures)."""
         if self.jailed is not None:
-            return from_exit_reason(self.jailed.decode_status(status))
+            return ExitInfo.from_reason(self.jailed.decode_status(status))
         return classify(status)
 
     @property
@@ -171,14 +209,15 @@ class ChildProcess:
 
     def close(self) -> None:
         """Close our fds; the jailed child's own (pidfd, violation fd) are closed by it."""
-        fds = [self.log_fd, self.status_fd] + ([self.pidfd] if self.jailed is None else [])
+        fds = [self.log_fd, self.status_fd, self.heartbeat_fd, self._device_pidfd] + \
+            ([self.pidfd] if self.jailed is None else [])
         for fd in fds:
             if fd >= 0:
                 try:
                     os.close(fd)
                 except OSError:
                     pass
-        self.log_fd = self.status_fd = -1
+        self.log_fd = self.status_fd = self.heartbeat_fd = self._device_pidfd = -1
         if self.jailed is not None:
             try:
                 self.jailed.close()
@@ -188,51 +227,9 @@ class ChildProcess:
         self.pidfd = -1
 
 
-#: A jailed device turns these signals into exit(128 + signal) (it is pid 1 of
-#: its pid namespace, where default actions do not apply); report them as the
-#: signal they were.
-DEVICE_EXIT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-def _signame(sig: int | None) -> str:
-    if sig is None:
-        return "?"
-    try:
-        return signal.Signals(sig).name
-    except ValueError:
-        return f"signal {sig}"
-
-
-def classify(status: int, violation: str | None = None) -> ExitInfo:
-    """Waitstatus of a plain-forked child -> ExitInfo."""
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        if sig == signal.SIGSYS or violation:
-            return ExitInfo(ExitKind.SECCOMP, signal=_signame(sig), syscall=violation)
-        return ExitInfo(ExitKind.SIGNALED, signal=_signame(sig))
-    code = os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else -1
-    if violation:
-        return ExitInfo(ExitKind.SECCOMP, code=code, syscall=violation)
-    if code == 0:
-        return ExitInfo(ExitKind.DISCONNECTED, code=0)
-    return ExitInfo(ExitKind.ERROR, code=code)
-
-
-def from_exit_reason(reason: Any) -> ExitInfo:
-    """``sandbox.ExitReason`` (exited/signaled/seccomp/jail_failed) -> ExitInfo."""
-    if reason.kind == "seccomp":
-        return ExitInfo(ExitKind.SECCOMP, code=reason.code, signal=_signame(reason.signal) if reason.signal else None,
-                        syscall=reason.syscall)
-    if reason.kind == "jail_failed":
-        return ExitInfo(ExitKind.JAIL_FAILED, code=reason.code, message=reason.message)
-    if reason.kind == "signaled":
-        return ExitInfo(ExitKind.SIGNALED, signal=_signame(reason.signal))
-    code = reason.code
-    if code == 0:
-        return ExitInfo(ExitKind.DISCONNECTED, code=0)
-    if code is not None and code > 128 and (code - 128) in DEVICE_EXIT_SIGNALS:
-        return ExitInfo(ExitKind.SIGNALED, code=code, signal=_signame(code - 128))
-    return ExitInfo(ExitKind.ERROR, code=code)
+def classify(status: int) -> ExitInfo:
+    """Waitstatus of a plain-forked child -> ExitInfo (the jail's decoder, no jail facts)."""
+    return ExitInfo.from_reason(decode_wait_status(status))
 
 
 def _open_fds() -> list[int]:
@@ -307,29 +304,35 @@ def spawn_child(*, name: str, conn: Any, builder: Any, keep_fds: list[int], sand
     _check_single_threaded()
     log_r, log_w = os.pipe2(os.O_CLOEXEC)
     st_r, st_w = os.pipe2(os.O_CLOEXEC)
+    hb_parent, hb_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    hb_r = hb_parent.detach()
+    hb_w = hb_child.detach()
     os.set_blocking(log_r, False)
     os.set_blocking(st_r, False)
-    keep = sorted(set(keep_fds) | {st_w})
-    target = device_target(name, conn, builder, st_w)
+    os.set_blocking(hb_r, False)
+    keep = sorted(set(keep_fds) | {st_w, hb_w})
+    target = device_target(name, conn, builder, st_w, hb_w)
     try:
         if sandboxed:
             import sandbox
             cfg = sandbox.JailConfig(name=name, keep_fds=keep, log_fd=log_w, **(jail_kwargs or {}))
             jailed = sandbox.spawn(cfg, target)
             child = ChildProcess(pid=jailed.pid, pidfd=jailed.pidfd, log_fd=log_r, status_fd=st_r,
-                                 jailed=jailed)
+                                 jailed=jailed, heartbeat_fd=hb_r)
         else:
             parent = os.getpid()
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
                 _plain_child(target, set(keep), log_w, parent, name)
-            child = ChildProcess(pid=pid, pidfd=os.pidfd_open(pid), log_fd=log_r, status_fd=st_r)
+            child = ChildProcess(pid=pid, pidfd=os.pidfd_open(pid), log_fd=log_r, status_fd=st_r,
+                                 heartbeat_fd=hb_r)
     except BaseException:
-        for fd in (log_r, st_r):
+        for fd in (log_r, st_r, hb_r):
             os.close(fd)
         raise
     finally:
         os.close(log_w)
         os.close(st_w)
+        os.close(hb_w)
     return child

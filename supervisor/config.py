@@ -24,10 +24,59 @@ import devices
 from devices import ConfigError, parse_bool
 
 RESTART_POLICIES = ("always", "on-failure", "never")
+# --- containment options (issue 9): kept together so they merge apart from the rest ---
+#: Per device: seconds a child may go without answering its heartbeat, and
+#: what a crash loop does (``backoff``: keep retrying, doubling up to 5 min;
+#: ``fail``: stay failed until an operator acts).
+CONTAINMENT_DEVICE_KEYS = ("watchdog-sec", "crash-loop")
+CRASH_LOOP_POLICIES = ("backoff", "fail")
+DEFAULT_WATCHDOG_SEC = 5.0
+#: [supervisor]: host uids/gids handed to device children, one per device.
+CONTAINMENT_SUPERVISOR_KEYS = ("uid-range",)
+#: 0x70000000 + 64 Ki: above systemd's container range (524288..1879048191),
+#: below 2^31 (ids tools mistake for negative); checked unused at start.
+DEFAULT_UID_RANGE = (1879048192, 65536)
+
+
+def parse_uid_range(value: Any) -> tuple[int, int]:
+    """``START-END`` (inclusive) -> (start, count)."""
+    text = str(value).strip()
+    a, sep, b = text.partition("-")
+    if not sep or not a.strip().isdigit() or not b.strip().isdigit():
+        raise ConfigError("not START-END (e.g. 1879048192-1879113727)", "uid-range", value=text)
+    start, end = int(a), int(b)
+    if not 0 < start <= end < 2**32 - 1:
+        raise ConfigError("need 0 < START <= END < 4294967295", "uid-range", value=text)
+    if start < 1000:
+        raise ConfigError("starts among the system ids (< 1000)", "uid-range", value=text)
+    return start, end - start + 1
+
+
+def _containment_device_keys(opts: dict[str, Any], name: str) -> dict[str, Any]:
+    """Pop ``watchdog-sec`` and ``crash-loop`` from a device's options."""
+    out: dict[str, Any] = {}
+    if "watchdog-sec" in opts:
+        raw = opts.pop("watchdog-sec")
+        try:
+            sec = float(raw)
+        except (TypeError, ValueError):
+            raise ConfigError("not a number of seconds", "watchdog-sec", name, raw) from None
+        if not (sec == 0 or 0.2 <= sec <= 3600):
+            raise ConfigError("out of range (0 = off, or 0.2..3600)", "watchdog-sec", name, raw)
+        out["watchdog_sec"] = sec
+    if "crash-loop" in opts:
+        raw = str(opts.pop("crash-loop"))
+        if raw not in CRASH_LOOP_POLICIES:
+            raise ConfigError(f"not one of {', '.join(CRASH_LOOP_POLICIES)}", "crash-loop", name, raw)
+        out["crash_loop"] = raw
+    return out
+# --- end of containment options ---
+
 #: Keys the supervisor consumes; every other key is the device's (checked by its builder).
-SUPERVISOR_DEVICE_KEYS = ("vhost", "name", "restart", "jail-user")
+SUPERVISOR_DEVICE_KEYS = ("vhost", "name", "restart", "jail-user") + CONTAINMENT_DEVICE_KEYS
 JAIL_KEYS = ("pivot-root", "seccomp-policy-dir", "seccomp-log-failures")
-SUPERVISOR_KEYS = ("control-socket", "disable-sandbox", "log-format", "grace-period") + JAIL_KEYS
+SUPERVISOR_KEYS = ("control-socket", "disable-sandbox", "log-format", "grace-period") + JAIL_KEYS + \
+    CONTAINMENT_SUPERVISOR_KEYS
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SUN_PATH_MAX = 107
 DEFAULT_GRACE = 5.0
@@ -51,8 +100,10 @@ class DeviceSpec:
     socket: str                    # absolute path of the vhost-user socket
     options: dict[str, str]        # device keys, handed to Builder.from_options
     restart: str = "always"
-    jail_user: tuple[int, int] = (65534, 65534)
+    jail_user: tuple[int, int] | None = None   # None: one allocated from uid-range
     origin: str = ""               # "--block #1" or "FILE device #2", for messages
+    watchdog_sec: float = DEFAULT_WATCHDOG_SEC  # 0: no heartbeat
+    crash_loop: str = "backoff"
 
 
 @dataclass
@@ -63,6 +114,7 @@ class SupervisorConfig:
     jail: JailOptions = field(default_factory=JailOptions)
     log_format: str = "text"
     grace_period: float = DEFAULT_GRACE
+    uid_range: tuple[int, int] = DEFAULT_UID_RANGE   # (start, count)
 
 
 def default_policy_dir() -> Path:
@@ -149,13 +201,14 @@ def _device_from_options(dtype: str, opts: dict[str, Any], origin: str, index: i
     restart = str(opts.pop("restart", "always"))
     if restart not in RESTART_POLICIES:
         raise ConfigError(f"not one of {', '.join(RESTART_POLICIES)}", "restart", name, restart)
-    jail_user = parse_jail_user(opts.pop("jail-user"), name) if "jail-user" in opts else (65534, 65534)
+    jail_user = parse_jail_user(opts.pop("jail-user"), name) if "jail-user" in opts else None
+    containment = _containment_device_keys(opts, name)
     if "vhost" not in opts:
         raise ConfigError("is required (the vhost-user socket path)", "vhost", name)
     sock = _check_socket_path(str(opts.pop("vhost")), "vhost", name)
     options = {str(k): _stringify(str(k), v, name) for k, v in opts.items()}
     return DeviceSpec(name=name, type=dtype, socket=sock, options=options, restart=restart,
-                      jail_user=jail_user, origin=origin)
+                      jail_user=jail_user, origin=origin, **containment)
 
 
 def _apply_supervisor_keys(cfg: SupervisorConfig, table: dict[str, Any], where: str) -> None:
@@ -175,6 +228,8 @@ def _apply_supervisor_keys(cfg: SupervisorConfig, table: dict[str, Any], where: 
             if value not in ("text", "json"):
                 raise ConfigError("not one of text, json", key, value=value)
             cfg.log_format = str(value)
+        elif key == "uid-range":
+            cfg.uid_range = parse_uid_range(value)
         elif key == "grace-period":
             try:
                 cfg.grace_period = float(value)

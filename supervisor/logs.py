@@ -133,31 +133,67 @@ def child_line(device: str, pid: int, text: str) -> None:
     event(device, "stderr", pid=pid, msg=text)
 
 
-class LineBudget:
-    """A token bucket per device for the lines its children write.
+class LogBudget:
+    """What one device's children may cost the supervisor in log lines and bytes.
 
     A jailed child is not trusted: one that floods stderr must not flood the
-    journal or keep the supervision loop busy.  Lines over the budget are
-    counted and reported as one ``event=log-suppressed`` line.
+    journal, nor keep the supervision loop busy.  Two token buckets (lines
+    and bytes per second) decide which lines are re-emitted; everything else
+    is dropped without being split or decoded (one ``bytes.count`` per
+    chunk), counted, and reported as one ``event=log-dropped`` line at most
+    once per ``report_every`` seconds.  ``exhausted`` tells the reader to
+    pause: a child writing into a full pipe then blocks, paying for its own
+    flood.
     """
 
-    def __init__(self, rate: float = 200.0, burst: float = 2000.0) -> None:
+    def __init__(self, rate: float = 200.0, burst: float = 2000.0, byte_rate: float = 64 << 10,
+                 byte_burst: float = 512 << 10, report_every: float = 1.0) -> None:
         self.rate = rate
         self.burst = burst
+        self.byte_rate = byte_rate
+        self.byte_burst = byte_burst
         self.tokens = burst
+        self.byte_tokens = byte_burst
         self.stamp = time.monotonic()
-        self.suppressed = 0
+        self.report_every = report_every
+        self.reported = 0.0
+        self.dropped_lines = 0
+        self.dropped_bytes = 0
+        self.total_dropped = 0     # lines, since the device's first child
 
-    def allow(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+    def refill(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        dt = max(0.0, now - self.stamp)
+        self.tokens = min(self.burst, self.tokens + dt * self.rate)
+        self.byte_tokens = min(self.byte_burst, self.byte_tokens + dt * self.byte_rate)
         self.stamp = now
-        if self.tokens >= 1.0:
+
+    @property
+    def exhausted(self) -> bool:
+        return self.tokens < 1.0 or self.byte_tokens < 1.0
+
+    def admit(self, line: bytes) -> bool:
+        """Spend on one complete line; False (and counted) if over budget."""
+        if self.tokens >= 1.0 and self.byte_tokens >= len(line):
             self.tokens -= 1.0
+            self.byte_tokens -= len(line)
             return True
-        self.suppressed += 1
+        self.drop(1, len(line))
         return False
 
-    def take_suppressed(self) -> int:
-        n, self.suppressed = self.suppressed, 0
-        return n
+    def drop(self, lines: int, nbytes: int) -> None:
+        self.dropped_lines += lines
+        self.total_dropped += lines
+        self.dropped_bytes += nbytes
+
+    def report_due(self, now: float | None = None, final: bool = False) -> tuple[int, int] | None:
+        """(lines, bytes) dropped since the last report, if one is due."""
+        now = time.monotonic() if now is None else now
+        if not self.dropped_lines and not self.dropped_bytes:
+            return None
+        if not final and now - self.reported < self.report_every:
+            return None
+        out = (self.dropped_lines, self.dropped_bytes)
+        self.dropped_lines = self.dropped_bytes = 0
+        self.reported = now
+        return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 COLUMNS = ("NAME", "TYPE", "SOCKET", "STATE", "PID", "RESTARTS", "LAST EXIT", "UPTIME", "RSS", "CPU",
-           "FRONT-END")
+           "FRONT-END", "HEARTBEAT")
 
 
 def human_bytes(n: int | None) -> str:
@@ -36,7 +36,7 @@ def human_duration(sec: float | None) -> str:
 def device_row(d: dict[str, Any]) -> list[str]:
     last = d.get("last_exit")
     state = d.get("state", "?")
-    if state == "backoff" and d.get("backoff_remaining") is not None:
+    if state in ("backoff", "crash-looping") and d.get("backoff_remaining") is not None:
         state = f"backoff ({d['backoff_remaining']:.1f}s)"
     cpu = d.get("cpu_seconds")
     return [
@@ -44,6 +44,7 @@ def device_row(d: dict[str, Any]) -> list[str]:
         str(d["pid"]) if d.get("pid") else "-", str(d.get("restarts", 0)),
         last["text"] if last else "-", human_duration(d.get("uptime")), human_bytes(d.get("rss")),
         f"{cpu:.2f}s" if cpu is not None else "-", d.get("frontend", "-"),
+        human_duration(d.get("heartbeat_age")) + " ago" if d.get("heartbeat_age") is not None else "-",
     ]
 
 

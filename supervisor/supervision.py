@@ -30,9 +30,10 @@ from . import logs
 from .child import READY_BYTE, ChildProcess, enable_fork_signal_reset, spawn_child
 from .config import ConfigError, SupervisorConfig
 from .control import ControlError, ControlServer, bind_control_socket, socket_in_use
-from .metrics import process_metrics, unix_connections
+from .metrics import FrontendState, frontend_state, process_metrics
 from .notify import Notifier
-from .slot import DeviceSlot, ExitInfo, ExitKind, State, should_restart
+from .slot import CLEAN_BURST, CLEAN_RATE, CLEAN_SUMMARY_EVERY, DeviceSlot, ExitInfo, ExitKind, Request, State, \
+    should_restart
 
 #: Imported before the first fork: after pivot_root a child can import nothing.
 #: The device types' own modules come from their declarations.
@@ -43,9 +44,10 @@ CHILD_MODULES = (
     "asyncio.unix_events", "uvloop", "mmap", "fcntl", "struct", "array", "selectors",
     "encodings.idna", "encodings.ascii", "encodings.latin_1",
 ) + devices.child_modules()
-FRONTEND_REFRESH = 1.0     # seconds between /proc/net/unix scans while a child is ready/serving
+TICK = 1.0     # seconds between heartbeat rounds (less for a watchdog-sec under 4 s)
 MAX_LOG_LINE = 4096        # a child's stderr line is cut here (a hostile child cannot bloat us)
-LOG_READ = 65536
+LOG_READ = 1 << 20         # one read takes whatever the pipe holds
+LOG_PAUSE = 0.5            # over budget: stop reading this long (the child blocks on its own full pipe)
 
 
 def preimport_child_modules() -> list[str]:
@@ -137,9 +139,36 @@ class Supervisor:
             await self.shutdown()
         return 0
 
+    def assign_ids(self) -> None:
+        """One host uid/gid per jailed device: ``jail-user`` if given, else the next
+        id of ``uid-range``, which must be unused (passwd, group, processes)."""
+        if self.cfg.disable_sandbox:
+            return
+        from sandbox.idrange import IdRange, IdRangeError, allocate, check_unused
+        if os.geteuid() != 0:
+            # An unprivileged supervisor can map only its own id into the jail.
+            logs.event(None, "identity", logging.WARNING, uid=os.geteuid(),
+                       note="not root: every device runs as the supervisor's own uid")
+            return
+        rng = IdRange(*self.cfg.uid_range)
+        fixed = {n: s.spec.jail_user for n, s in self.slots.items() if s.spec.jail_user is not None}
+        try:
+            if len(fixed) < len(self.slots):
+                check_unused(rng, skip_pids=frozenset({os.getpid()}))
+            ids = allocate(rng, list(self.slots), fixed)
+        except IdRangeError as e:
+            hint = ("; is another supervisor using it? give each its own uid-range"
+                    if "process" in str(e) else "")
+            raise ConfigError(f"{e}{hint}", "uid-range") from None
+        for name, (uid, gid) in ids.items():
+            slot = self.slots[name]
+            slot.uid, slot.gid = uid, gid
+            logs.event(name, "identity", uid=uid, gid=gid, source="jail-user" if name in fixed else "uid-range")
+
     def bind_all(self) -> None:
         """Listen on every device socket (and the control socket) before any fork."""
         from connection.connection import VhostUserListener
+        self.assign_ids()
         for slot in self.slots.values():
             path = slot.spec.socket
             if os.path.exists(path) and socket_in_use(path):
@@ -156,6 +185,7 @@ class Supervisor:
                 raise ConfigError(f"{slot.spec.socket!r}: cannot listen: {e.strerror or e}", "vhost",
                                   slot.name) from None
             slot.socket_inode = os.stat(slot.spec.socket).st_ino
+            slot.listener_inode = os.fstat(slot.listener.fileno()).st_ino
             slot.resources = slot.listener.take_parent_process_resources()
             logs.event(slot.name, "listen", socket=slot.spec.socket, type=slot.spec.type)
 
@@ -167,7 +197,7 @@ class Supervisor:
         if mounts:
             import sandbox
             mounts = [m if isinstance(m, sandbox.BindMount) else sandbox.BindMount(*m) for m in mounts]
-        uid, gid = slot.spec.jail_user
+        uid, gid = (slot.uid, slot.gid) if slot.uid is not None else (os.geteuid(), os.getegid())
         return {
             "uid": uid, "gid": gid, "root": self.cfg.jail.pivot_root, "bind_mounts": mounts,
             "seccomp_policy": os.path.join(self.cfg.jail.seccomp_policy_dir, builder.seccomp_policy),
@@ -177,8 +207,7 @@ class Supervisor:
     def _start(self, slot: DeviceSlot) -> None:
         """Fork a fresh child for ``slot``; a fork/jail error counts as a crash."""
         assert self.loop is not None
-        slot.restart_timer = None
-        slot.backoff_until = None
+        slot.cancel_restart_timer()
         slot.want_running = True
         keep = list(slot.builder.keep_fds()) + [slot.listener.fileno()]
         t0 = time.monotonic()
@@ -190,27 +219,22 @@ class Supervisor:
             logs.event(slot.name, "spawn-failed", logging.ERROR, error=f"{type(e).__name__}: {e}")
             self._after_exit(slot, ExitInfo(ExitKind.JAIL_FAILED, code=None), 0.0)
             return
-        slot.child = child
-        slot.state = State.STARTING
-        slot.started_at = time.monotonic()
-        slot.started_wall = time.time()
-        if slot.spawns:
-            slot.restarts += 1
-        slot.spawns += 1
         try:
-            slot.proc = psutil.Process(child.device_pid)
-            slot.proc.cpu_percent(None)
+            proc: psutil.Process | None = psutil.Process(child.device_pid)
+            proc.cpu_percent(None)  # type: ignore[union-attr]
         except psutil.Error:
-            slot.proc = None
+            proc = None
+        slot.spawned(child, proc, time.monotonic(), time.time())
         self.loop.add_reader(child.pidfd, self._on_exit, slot, child)
         self.loop.add_reader(child.log_fd, self._on_log, slot, child)
         self.loop.add_reader(child.status_fd, self._on_status, slot, child)
+        self.loop.add_reader(child.heartbeat_fd, self._on_heartbeat, slot, child)
         vfd = child.violation_fd
         if vfd is not None and vfd >= 0:
             self.loop.add_reader(vfd, self._on_violation, slot, child)
         child.violation = None  # type: ignore[attr-defined]
-        logs.event(slot.name, "spawn", pid=child.device_pid, restarts=slot.restarts,
-                   spawn_ms=round((time.monotonic() - t0) * 1000, 1),
+        logs.event(slot.name, "spawn", logging.DEBUG if slot.quiet else logging.INFO, pid=child.device_pid,
+                   restarts=slot.restarts, spawn_ms=round((time.monotonic() - t0) * 1000, 1),
                    **({"forwarder": child.pid} if child.device_pid != child.pid else {}))
         self._changed_now()
 
@@ -225,13 +249,27 @@ class Supervisor:
         if not data:
             self.loop.remove_reader(child.status_fd)
             return
-        if READY_BYTE in data and slot.child is child and slot.state is State.STARTING:
-            slot.state = State.READY
-            slot.first_attempt_done = True
-            logs.event(slot.name, "ready", pid=child.device_pid,
+        if READY_BYTE in data and slot.built(child):
+            slot.heartbeat(time.monotonic())
+            logs.event(slot.name, "ready", logging.DEBUG if slot.quiet else logging.INFO, pid=child.device_pid,
                        startup_ms=round((time.monotonic() - (slot.started_at or 0)) * 1000, 1))
             self._changed_now()
             self._maybe_ready()
+
+    def _on_heartbeat(self, slot: DeviceSlot, child: ChildProcess) -> None:
+        """The child echoed a ping from its event loop."""
+        assert self.loop is not None
+        try:
+            data = os.read(child.heartbeat_fd, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.loop.remove_reader(child.heartbeat_fd)   # the child is going; the pidfd says the rest
+            return
+        if slot.child is child:
+            slot.heartbeat(time.monotonic())
 
     def _on_violation(self, slot: DeviceSlot, child: ChildProcess) -> None:
         """The seccomp listener is readable: the device is blocked in a forbidden
@@ -246,13 +284,26 @@ class Supervisor:
             # one violation is fatal; a hang-up means the child is gone (the pidfd says the rest)
             self.loop.remove_reader(vfd)
 
+    # ------------------------------------------------------------ child stderr
+
     def _on_log(self, slot: DeviceSlot, child: ChildProcess, final: bool = False) -> None:
+        """Read what the child wrote on stderr, within the device's budget.
+
+        One read takes what the pipe holds (up to 1 MiB).  Lines within the
+        budget are re-emitted; the rest are counted with one ``bytes.count``
+        and dropped, never split or decoded.  Over budget, reading pauses
+        for LOG_PAUSE: the child then blocks on its own full pipe."""
         assert self.loop is not None
-        buf = self._log_bufs.setdefault(child.log_fd, bytearray())
+        fd = child.log_fd
+        if fd < 0:
+            return
+        buf = self._log_bufs.setdefault(fd, bytearray())
+        budget = slot.log_budget
         eof = False
+        hint = False
         while True:
             try:
-                data = os.read(child.log_fd, LOG_READ)
+                data = os.read(fd, LOG_READ)
             except BlockingIOError:
                 break
             except OSError:
@@ -260,36 +311,76 @@ class Supervisor:
             if not data:
                 eof = True
                 break
-            buf += data
+            hint = self._take_log(slot, child, buf, data) or hint
             if not final:
                 break
-        *lines, rest = bytes(buf).split(b"\n")
-        if len(rest) > MAX_LOG_LINE:
-            lines.append(rest[:MAX_LOG_LINE])
-            rest = b""
-        buf[:] = rest
-        hint = False
-        budget = slot.log_budget
-        for line in lines:
-            text = line.decode("utf-8", "replace").rstrip("\r")
-            if not text or not budget.allow():
-                continue
-            dropped = budget.take_suppressed()
-            if dropped:
-                logs.event(slot.name, "log-suppressed", logging.WARNING, pid=child.device_pid, lines=dropped)
-            logs.child_line(slot.name, child.device_pid, text[:MAX_LOG_LINE])
-            hint = hint or "front-end connected" in text
+        now = time.monotonic()
+        due = budget.report_due(now, final=final or eof)
+        if due:
+            logs.event(slot.name, "log-dropped", logging.WARNING, pid=child.device_pid, lines=due[0],
+                       bytes=due[1], msg=f"device={slot.name} dropped {due[0]} log lines")
         if hint and not final:
-            # The child says it accepted; /proc/net/unix is what we believe.
+            # The child says it accepted; its fd table (metrics.frontend_state) is what we believe.
             self.refresh_frontends()
-        if final and budget.suppressed:
-            logs.event(slot.name, "log-suppressed", logging.WARNING, pid=child.device_pid,
-                       lines=budget.take_suppressed())
         if eof:
-            if buf:
-                logs.child_line(slot.name, child.device_pid, bytes(buf).decode("utf-8", "replace"))
-            self._log_bufs.pop(child.log_fd, None)
-            self.loop.remove_reader(child.log_fd)
+            if buf and budget.admit(bytes(buf)):
+                logs.child_line(slot.name, child.device_pid, bytes(buf[:MAX_LOG_LINE]).decode("utf-8", "replace"))
+            self._log_bufs.pop(fd, None)
+            self.loop.remove_reader(fd)
+        elif not final and budget.exhausted:
+            self.loop.remove_reader(fd)
+            self.loop.call_later(LOG_PAUSE, self._resume_log, slot, child)
+
+    def _resume_log(self, slot: DeviceSlot, child: ChildProcess) -> None:
+        if self.loop is not None and slot.child is child and child.log_fd >= 0:
+            self.loop.add_reader(child.log_fd, self._on_log, slot, child)
+
+    def _take_log(self, slot: DeviceSlot, child: ChildProcess, buf: bytearray, data: bytes) -> bool:
+        """Emit the lines of ``buf + data`` the budget allows; keep the unfinished
+        tail in ``buf``.  True if a line says a front-end connected."""
+        budget = slot.log_budget
+        budget.refill()
+        allowed = int(budget.tokens)
+        hint = False
+        if allowed <= 0 or budget.byte_tokens < 1.0:
+            # Over budget: count the lines, keep only the start of the unfinished one.
+            last = data.rfind(b"\n")
+            if last < 0:
+                if len(buf) < MAX_LOG_LINE:
+                    buf += data[:MAX_LOG_LINE - len(buf)]
+                else:
+                    budget.drop(0, len(data))
+                return False
+            budget.drop(data.count(b"\n", 0, last + 1), last + 1 + len(buf))
+            buf[:] = data[last + 1:last + 1 + MAX_LOG_LINE]
+            return False
+        parts = (bytes(buf) + data).split(b"\n", allowed)
+        if len(parts) > allowed:      # more lines than tokens: the rest is dropped
+            rest = parts.pop()
+            last = rest.rfind(b"\n")
+            if last >= 0:
+                budget.drop(rest.count(b"\n", 0, last + 1), last + 1)
+                tail = rest[last + 1:]
+            else:
+                tail = rest
+        else:
+            tail = parts.pop()
+        for line in parts:
+            line = line[:MAX_LOG_LINE].rstrip(b"\r")
+            if not line or not budget.admit(line):
+                continue
+            text = line.decode("utf-8", "replace")
+            logs.child_line(slot.name, child.device_pid, text)
+            hint = hint or "front-end connected" in text
+        if len(tail) > MAX_LOG_LINE:   # an endless line: emit its start, drop the rest
+            if budget.admit(tail[:MAX_LOG_LINE]):
+                logs.child_line(slot.name, child.device_pid, tail[:MAX_LOG_LINE].decode("utf-8", "replace"))
+            budget.drop(0, len(tail) - MAX_LOG_LINE)
+            tail = b""
+        buf[:] = tail
+        return hint
+
+    # ------------------------------------------------------------ exits
 
     def _on_exit(self, slot: DeviceSlot, child: ChildProcess) -> None:
         """The pidfd is readable: the child is gone.  Reap, classify, decide."""
@@ -302,62 +393,79 @@ class Supervisor:
             self._on_log(slot, child, final=True)
             self.loop.remove_reader(child.log_fd)
             self._log_bufs.pop(child.log_fd, None)
-        if child.status_fd >= 0:
-            self.loop.remove_reader(child.status_fd)
+        for fd in (child.status_fd, child.heartbeat_fd):
+            if fd >= 0:
+                self.loop.remove_reader(fd)
         try:
             status = child.reap()
         except ChildProcessError:
             status = 0
         info = child.exit_info(status)
-        requested = self.stopping or slot.pending_request is not None
+        if slot.hung_for is not None and slot.child is child:
+            info = ExitInfo(ExitKind.HUNG, signal="SIGKILL", message=f"{slot.hung_for:.1f}s")
+        requested = self.stopping or slot.pending is not None
         if requested:
             info = dataclasses.replace(info, requested=True)
         uptime = time.monotonic() - (slot.started_at or time.monotonic())
         child.close()
-        if slot.kill_timer is not None:
-            slot.kill_timer.cancel()
-            slot.kill_timer = None
-        slot.child = None
-        slot.proc = None
-        slot.first_attempt_done = True
-        level = logging.INFO if (info.kind is ExitKind.DISCONNECTED or requested) else logging.WARNING
+        clean = info.kind is ExitKind.DISCONNECTED and not requested
+        level = logging.INFO if (clean or requested) else logging.WARNING
+        if clean and slot.quiet:
+            level = logging.DEBUG   # counted in the clean-exit summary instead
         logs.event(slot.name, "exit", level, pid=child.device_pid, reason=info.describe(), kind=info.kind.value,
                    code=info.code, signal=info.signal, syscall=info.syscall, uptime=round(uptime, 3))
         self._after_exit(slot, info, uptime)
 
     def _after_exit(self, slot: DeviceSlot, info: ExitInfo, uptime: float) -> None:
+        """The child is gone (or never forked): decide the slot's next state."""
         assert self.loop is not None
-        slot.last_exit = info
-        slot.last_exit_time = time.time()
-        pending, slot.pending_request = slot.pending_request, None
-        if self.stopping or pending == "stop" or not slot.want_running:
-            slot.state = State.STOPPED
-        elif pending == "restart":
+        pending = slot.child_gone(info, time.time())
+        now = time.monotonic()
+        slot.quiet = False
+        if self.stopping or pending is Request.STOP or not slot.want_running:
+            slot.stop()
+        elif pending is Request.RESTART:
             self._start(slot)
+        elif not should_restart(slot.spec.restart, info):
+            slot.tracker.record_exit(info, now, uptime)
+            if info.is_crash:
+                slot.fail()
+            else:
+                slot.stop()
+            logs.event(slot.name, "not-restarting", policy=slot.spec.restart, state=slot.state.value)
+        elif not info.is_crash:
+            # A clean exit (the front-end went away): at once within the burst, then 1/s.
+            slot.tracker.record_exit(info, now, uptime)
+            delay = slot.clean_exits.delay(now)
+            if delay <= 0:
+                self._start(slot)
+            else:
+                slot.quiet = True
+                slot.back_off(now + delay, self.loop.call_later(delay, self._backoff_done, slot))
         else:
-            tripped, delay = slot.tracker.record_exit(info, time.monotonic(), uptime)
-            if not should_restart(slot.spec.restart, info):
-                slot.state = State.FAILED if info.is_crash else State.STOPPED
-                logs.event(slot.name, "not-restarting", policy=slot.spec.restart, state=slot.state.value)
-            elif tripped:
-                slot.state = State.FAILED
+            tripped, delay = slot.tracker.record_exit(info, now, uptime)
+            if tripped:
+                slot.crash_loops += 1
+                fail = getattr(slot.spec, "crash_loop", "backoff") == "fail"
                 logs.event(slot.name, "crash-loop", logging.ERROR, crashes=len(slot.tracker.crashes),
-                           hint=f"vhost-supervisor restart {slot.name}")
+                           policy="fail" if fail else "backoff",
+                           retry_in=None if fail else round(delay, 3), hint=f"vhost-supervisor restart {slot.name}")
+                if fail:
+                    slot.fail()
+                else:
+                    slot.back_off(now + delay, self.loop.call_later(delay, self._backoff_done, slot),
+                                  crash_looping=True)
             elif delay <= 0:
                 self._start(slot)
             else:
-                slot.state = State.BACKOFF
-                slot.backoff_until = time.monotonic() + delay
-                slot.restart_timer = self.loop.call_later(delay, self._backoff_done, slot)
+                slot.back_off(now + delay, self.loop.call_later(delay, self._backoff_done, slot))
                 logs.event(slot.name, "backoff", delay=round(delay, 3))
         self._changed_now()
         self._maybe_ready()
-        if self.stopping and not any(s.child for s in self.slots.values()):
-            self._changed_now()
 
     def _backoff_done(self, slot: DeviceSlot) -> None:
         slot.restart_timer = None
-        if slot.state is State.BACKOFF and not self.stopping and slot.want_running:
+        if slot.state in (State.BACKOFF, State.CRASH_LOOPING) and not self.stopping and slot.want_running:
             self._start(slot)
 
     def _terminate(self, slot: DeviceSlot, grace: float | None = None) -> None:
@@ -415,31 +523,76 @@ class Supervisor:
         elif self.ready_sent:
             self.notifier.status(self.summary())
 
+    def _tick_interval(self) -> float:
+        """1 s, or a quarter of the smallest watchdog-sec, so a hang is seen in time."""
+        wds = [float(getattr(s.spec, "watchdog_sec", 0) or 0) for s in self.slots.values()]
+        wds = [w for w in wds if w > 0]
+        return min([TICK] + [w / 4 for w in wds])
+
     def _schedule_refresh(self) -> None:
         assert self.loop is not None
-        self._refresh_handle = self.loop.call_later(FRONTEND_REFRESH, self._refresh_tick)
+        self._refresh_handle = self.loop.call_later(self._tick_interval(), self._refresh_tick)
 
     def _refresh_tick(self) -> None:
+        """The supervisor's one periodic job: heartbeats and summary lines.
+
+        Front-ends are not polled: a child serves one front-end and exits
+        when it leaves, so ``serving`` begins when the child says it accepted
+        (its log line, checked against the kernel) or when status is asked,
+        and ends with the child.  An idle supervisor asks the kernel nothing."""
         if self.stopping:
             return
-        self.refresh_frontends()
+        self.check_heartbeats()
+        now = time.monotonic()
+        for s in self.slots.values():
+            due = s.clean_exits.summary_due(now)
+            if due:
+                logs.event(s.name, "clean-exits", count=due[0], throttled=due[1],
+                           interval=f"{CLEAN_SUMMARY_EVERY:g}s", rate_limit=f"{CLEAN_BURST} then {CLEAN_RATE:g}/s")
         self._schedule_refresh()
 
-    def refresh_frontends(self) -> dict[str, Any]:
-        """Move children between ``ready`` and ``serving`` from /proc/net/unix."""
-        live = [s for s in self.slots.values() if s.child is not None and s.state in (State.READY, State.SERVING)]
-        conns = unix_connections({s.spec.socket for s in live}) if live else {}
-        for s in live:
-            st = conns.get(s.spec.socket)
-            serving = st is not None and st.accepted > 0
-            if serving and s.state is State.READY:
-                s.state = State.SERVING
-                logs.event(s.name, "serving", pid=s.child.device_pid)
+    def check_heartbeats(self) -> None:
+        """Ping every built child that has no ping outstanding; SIGKILL one whose
+        last answer is older than its ``watchdog-sec`` (exit kind ``hung``)."""
+        now = time.monotonic()
+        for s in self.slots.values():
+            child = s.child
+            if child is None or s.hung_for is not None:
+                continue
+            age = s.heartbeat_overdue(now)
+            if age is not None:
+                s.hung_for = age
+                logs.event(s.name, "hung", logging.WARNING, pid=child.device_pid, heartbeat_age=round(age, 3),
+                           watchdog_sec=s.spec.watchdog_sec, state=s.state.value)
+                child.signal(signal.SIGKILL)
+                continue
+            if s.state in (State.READY, State.SERVING) and s.ping_sent is None and child.heartbeat_fd >= 0:
+                try:
+                    os.write(child.heartbeat_fd, b"p")
+                    s.ping_sent = now
+                except (BlockingIOError, BrokenPipeError, ConnectionError):
+                    pass   # a full or closed channel: the age tells
+
+    def refresh_frontends(self) -> dict[str, FrontendState]:
+        """Move children between ``ready`` and ``serving`` (see metrics.frontend_state)."""
+        out: dict[str, FrontendState] = {}
+        for s in self.slots.values():
+            if s.listener is None:
+                continue
+            live = s.child is not None and s.state in (State.READY, State.SERVING)
+            pid = s.child.device_pid if live else None
+            try:
+                st = frontend_state(s.spec.socket, s.listener.fileno(), s.listener_inode, pid,
+                                    s.child.device_pidfd if live else None)
+            except OSError as e:
+                logs.event(s.name, "frontend-query-failed", logging.WARNING, error=str(e))
+                continue
+            out[s.spec.socket] = st
+            if pid and s.frontend(st.accepted > 0):
+                if s.state is State.SERVING:
+                    logs.event(s.name, "serving", logging.DEBUG if s.quiet else logging.INFO, pid=pid)
                 self._changed_now()
-            elif not serving and s.state is State.SERVING:
-                s.state = State.READY
-                self._changed_now()
-        return conns
+        return out
 
     def _watchdog(self) -> None:
         assert self.loop is not None
@@ -452,10 +605,6 @@ class Supervisor:
 
     def status(self) -> dict[str, Any]:
         conns = self.refresh_frontends()
-        paths = {s.spec.socket for s in self.slots.values()}
-        missing = paths - set(conns)
-        if missing:
-            conns.update(unix_connections(missing))
         now = time.monotonic()
         devices = []
         for s in self.slots.values():
@@ -472,6 +621,12 @@ class Supervisor:
                 "frontend": fe.describe() if fe else "no",
                 "socket_inode": s.socket_inode,
                 "backoff_remaining": round(max(0.0, s.backoff_until - now), 3) if s.backoff_until else None,
+                "uid": s.uid, "gid": s.gid,
+                "heartbeat_age": round(now - s.last_heartbeat, 3) if s.child and s.last_heartbeat else None,
+                "watchdog_sec": getattr(s.spec, "watchdog_sec", None),
+                "crash_loops": s.crash_loops,
+                "crash_loop_policy": getattr(s.spec, "crash_loop", "backoff"),
+                "log_dropped_lines": s.log_budget.total_dropped,
             }
             d.update(process_metrics(s.proc))
             devices.append(d)
@@ -494,37 +649,56 @@ class Supervisor:
             return {"ok": False, "error": f"no device named {name!r} (known: {', '.join(self.slots)})"}
         if self.stopping:
             return {"ok": False, "error": "the supervisor is shutting down"}
-        timeout = self.cfg.grace_period + 5.0
-        if cmd == "stop":
-            slot.want_running = False
-            if slot.restart_timer is not None:
-                slot.restart_timer.cancel()
-                slot.restart_timer = None
-                slot.backoff_until = None
-            if slot.child is not None:
-                slot.pending_request = "stop"
-                self._terminate(slot)
-                await self.wait_for(lambda: slot.child is None, timeout)
-            slot.state = State.STOPPED
-            logs.event(slot.name, "stopped", by="control")
-            self._changed_now()
-        else:
-            if cmd == "start" and (slot.child is not None or slot.state is State.BACKOFF):
-                return {"ok": True, "device": self._device_status(slot), "note": "already running"}
-            slot.tracker.reset()
-            slot.want_running = True
-            if slot.restart_timer is not None:
-                slot.restart_timer.cancel()
-                slot.restart_timer = None
-            if slot.child is not None:
-                slot.pending_request = "restart"
-                self._terminate(slot)
-                # the exit handler clears pending_request once the new child is forked
-                await self.wait_for(lambda: slot.pending_request is None, timeout)
-            else:
-                self._start(slot)
-            logs.event(slot.name, cmd, by="control")
+        async with slot.lock:   # one operation per device at a time, in arrival order
+            if self.stopping:
+                return {"ok": False, "error": "the supervisor is shutting down"}
+            error = await (self._stop(slot) if cmd == "stop" else self._restart(slot, cmd))
+        if error:
+            logs.event(slot.name, f"{cmd}-failed", logging.ERROR, by="control", error=error)
+            return {"ok": False, "error": error, "device": self._device_status(slot)}
         return {"ok": True, "device": self._device_status(slot)}
+
+    async def _wait_gone(self, slot: DeviceSlot, child: ChildProcess) -> bool:
+        """Until ``child`` was reaped: SIGTERM, SIGKILL after the grace period, then 5 s more."""
+        self._terminate(slot)
+        return await self.wait_for(lambda: slot.child is not child, self.cfg.grace_period + 5.0)
+
+    async def _stop(self, slot: DeviceSlot) -> str | None:
+        """Stop the child and keep the device stopped; an error text if the child would not go."""
+        slot.want_running = False
+        slot.cancel_restart_timer()
+        child = slot.child
+        if child is not None:
+            slot.request(Request.STOP)
+            logs.event(slot.name, "stopping", by="control", pid=child.device_pid)
+            self._changed_now()
+            if not await self._wait_gone(slot, child):
+                return (f"device {slot.name}: child pid {child.device_pid} did not exit "
+                        f"{self.cfg.grace_period + 5.0:g}s after SIGTERM and SIGKILL; it is still 'stopping'")
+        elif slot.state is not State.STOPPED:
+            slot.stop()
+        logs.event(slot.name, "stopped", by="control")
+        self._changed_now()
+        return None
+
+    async def _restart(self, slot: DeviceSlot, cmd: str) -> str | None:
+        """``restart`` (or ``start``): a fresh child, clearing the crash-loop breaker."""
+        if cmd == "start" and (slot.child is not None or slot.state in (State.BACKOFF, State.CRASH_LOOPING)):
+            return None
+        slot.tracker.reset()
+        slot.want_running = True
+        slot.cancel_restart_timer()
+        child = slot.child
+        if child is not None:
+            slot.request(Request.RESTART)
+            if not await self._wait_gone(slot, child):
+                return (f"device {slot.name}: child pid {child.device_pid} did not exit "
+                        f"{self.cfg.grace_period + 5.0:g}s after SIGTERM and SIGKILL")
+            # the exit handler forked the new child (or scheduled it after a failed fork)
+        else:
+            self._start(slot)
+        logs.event(slot.name, cmd, by="control")
+        return None
 
     def _device_status(self, slot: DeviceSlot) -> dict[str, Any]:
         return next(d for d in self.status()["devices"] if d["name"] == slot.name)
@@ -553,11 +727,12 @@ class Supervisor:
             if h is not None:
                 h.cancel()
         for s in self.slots.values():
-            if s.restart_timer is not None:
-                s.restart_timer.cancel()
-                s.restart_timer = None
-            if s.state is State.BACKOFF:
-                s.state = State.STOPPED
+            s.cancel_restart_timer()
+            if s.state in (State.BACKOFF, State.CRASH_LOOPING):
+                s.stop()
+            due = s.clean_exits.summary_due(time.monotonic(), final=True)
+            if due:
+                logs.event(s.name, "clean-exits", count=due[0], throttled=due[1])
         for s in self.slots.values():
             if s.child is not None:
                 s.child.signal(signal.SIGTERM)

@@ -32,4 +32,4 @@ def test_sigterm_reaches_the_device_despite_at_fork_hooks():
     time.sleep(0.05)
     os.kill(child.pid, signal.SIGTERM)
     reason = wait(child, timeout=5)
-    assert (reason.kind, reason.code) == ("exited", 128 + signal.SIGTERM), str(reason)
+    assert (reason.kind, reason.signal, reason.code) == ("signaled", signal.SIGTERM, 128 + signal.SIGTERM), str(reason)

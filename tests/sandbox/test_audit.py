@@ -25,7 +25,7 @@ def test_audit_of_a_jailed_device_and_its_text_form():
     config = JailConfig(name="audited", log_fd=2, seccomp_policy=os.path.join(POLICY_DIR, "rng.policy"))
     _, reason, (a, text) = run_in_jail(config, lambda: 0, on_spawn=lambda c: (audit(c.device_pid),
                                                                                format_audit(audit(c.device_pid))))
-    assert reason.kind == "exited", str(reason)
+    assert reason.kind == "disconnected", str(reason)
     assert a["seccomp_mode"] == 2 and a["seccomp_filters"] == 1
     assert a["no_new_privs"] is True and a["capabilities"]["bounding"] == 0
     assert a["nspid"][-1] == 1
@@ -42,7 +42,7 @@ def test_audit_of_the_forwarder_includes_the_device():
     config = JailConfig(name="fwd", log_fd=2)
     _, reason, (a, dev_pid, text) = run_in_jail(
         config, lambda: 0, on_spawn=lambda c: (audit(c.pid), c.device_pid, format_audit(audit(c.pid))))
-    assert reason.kind == "exited", str(reason)
+    assert reason.kind == "disconnected", str(reason)
     assert a["name"] == "i:fwd" and a["device"]["pid"] == dev_pid and a["device"]["name"] == "fwd"
     assert a["capabilities"]["bounding"] == 0 and a["no_new_privs"] is True   # the forwarder is jailed too
     assert text.startswith("forwarder pid ") and f"\ndevice pid {dev_pid} (fwd)" in text

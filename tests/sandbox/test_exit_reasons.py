@@ -23,7 +23,7 @@ def _cfg(name: str = "exit", **kw) -> JailConfig:
 
 def test_exit_code_is_mirrored():
     reason = wait(spawn(_cfg(), lambda: 7))
-    assert (reason.kind, reason.code) == ("exited", 7)
+    assert (reason.kind, reason.code) == ("error", 7)
     assert str(reason) == "exited with status 7"
 
 
@@ -37,7 +37,7 @@ def test_exception_exits_1_with_traceback_on_log_fd():
     os.close(w)
     text = os.read(r, 65536).decode()
     os.close(r)
-    assert (reason.kind, reason.code) == ("exited", 1)
+    assert (reason.kind, reason.code) == ("error", 1)
     assert "RuntimeError: device exploded" in text and "Traceback" in text
 
 
@@ -78,7 +78,7 @@ def test_sigterm_is_forwarded_and_unwinds_the_device(policy):
     time.sleep(0.05)
     os.kill(child.pid, signal.SIGTERM)  # the supervisor signals the pid it holds: the forwarder
     reason = wait(child)
-    assert (reason.kind, reason.code) == ("exited", 128 + signal.SIGTERM), str(reason)
+    assert (reason.kind, reason.signal, reason.code) == ("signaled", signal.SIGTERM, 128 + signal.SIGTERM), str(reason)
     assert os.read(r, 100) == b"cleaned up"
     os.close(r)
 
@@ -94,7 +94,7 @@ def test_jail_failure_is_reported_with_step_and_errno(tmp_path):
 
 def test_device_exit_125_is_not_a_jail_failure():
     reason = wait(spawn(_cfg(), lambda: JAIL_SETUP_FAILED))
-    assert (reason.kind, reason.code) == ("exited", JAIL_SETUP_FAILED)
+    assert (reason.kind, reason.code) == ("error", JAIL_SETUP_FAILED)
 
 
 def test_bad_policy_fails_in_the_parent(tmp_path):
@@ -194,4 +194,4 @@ def test_a_blocked_sigterm_in_the_supervisor_is_not_inherited():
     time.sleep(0.05)
     os.kill(child.pid, signal.SIGTERM)
     reason = wait(child, timeout=5)
-    assert (reason.kind, reason.code) == ("exited", 128 + signal.SIGTERM), str(reason)
+    assert (reason.kind, reason.signal, reason.code) == ("signaled", signal.SIGTERM, 128 + signal.SIGTERM), str(reason)

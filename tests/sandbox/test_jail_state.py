@@ -131,7 +131,7 @@ def jailed():
         config, _inside,
         on_spawn=lambda c: (c.pid, c.device_pid, audit(c.device_pid), audit(c.pid, follow=False),
                             _net_from_outside(c.device_pid)))
-    assert reason.kind == "exited" and reason.code == 0, str(reason)
+    assert reason.kind == "disconnected" and reason.code == 0, str(reason)
     return inside, outside
 
 
@@ -253,7 +253,7 @@ def test_bind_mounts_proc_and_dev_nodes(tmp_path):
     config = JailConfig(name="mounts", mount_proc=True, dev_nodes=["/dev/null"], log_fd=2,
                         bind_mounts=[BindMount(str(ro), "/data"), BindMount(str(rw), "/rw", writable=True)])
     inside, reason, _ = run_in_jail(config, _mounts_view)
-    assert reason.kind == "exited" and reason.code == 0, str(reason)
+    assert reason.kind == "disconnected" and reason.code == 0, str(reason)
     assert inside["root"] == ["data", "dev", "proc", "rw"]
     assert inside["data"] == "hi"
     assert inside["write_ro"] == errno.EROFS
@@ -277,7 +277,7 @@ def test_log_fd_becomes_stderr(tmp_path):
 
     inside, reason, _ = run_in_jail(config, say)
     os.close(w)
-    assert reason.kind == "exited" and reason.code == 0
+    assert reason.kind == "disconnected" and reason.code == 0
     assert os.read(r, 100) == b"device says hi\n"
     os.close(r)
 
@@ -287,7 +287,7 @@ def test_namespaces_false_still_drops_privileges():
     inside, reason, seen = run_in_jail(config, lambda: {"uid": os.getresuid(), "nnp": prctl.get_no_new_privs(),
                                                         "caps": prctl.cap_effective.sys_admin},
                                        on_spawn=lambda c: audit(c.pid))
-    assert reason.kind == "exited" and reason.code == 0, str(reason)
+    assert reason.kind == "disconnected" and reason.code == 0, str(reason)
     assert inside == {"uid": [65534] * 3, "nnp": 1, "caps": False}
     assert seen["namespaces"]["user"]["separate"] is False
     assert seen["capabilities"]["bounding"] == 0
@@ -309,5 +309,5 @@ def test_root_directory_is_pivoted_into_read_only(tmp_path):
         return out
 
     inside, reason, _ = run_in_jail(JailConfig(name="rooted", root=str(root), log_fd=2), look)
-    assert reason.kind == "exited" and reason.code == 0, str(reason)
+    assert reason.kind == "disconnected" and reason.code == 0, str(reason)
     assert inside == {"root": ["hello"], "hello": "from the host", "write": errno.EROFS}

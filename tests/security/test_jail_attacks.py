@@ -88,7 +88,7 @@ def test_host_files_cannot_be_opened():
         return out
 
     result, reason, _ = run_in_jail(_config(), attack)
-    assert reason.kind == "exited" and reason.code == 0, str(reason)
+    assert reason.kind == "disconnected" and reason.code == 0, str(reason)
     assert result == {p: errno.ENOENT for p in ("/etc/passwd", "/proc/self/status", "/dev/null", "/")}
 
 
@@ -102,7 +102,7 @@ def test_threads_are_allowed():
         return "threaded"
 
     result, reason, _ = run_in_jail(_config(), ok)
-    assert (result, reason.kind) == ("threaded", "exited"), str(reason)
+    assert (result, reason.kind) == ("threaded", "disconnected"), str(reason)
 
 
 def test_log_mode_allows_and_reports_nothing():
@@ -113,14 +113,14 @@ def test_log_mode_allows_and_reports_nothing():
 
     config = _config(seccomp_log=True)
     result, reason, child_fd = run_in_jail(config, attack, on_spawn=lambda c: c.violation_fd)
-    assert result == "socket created" and reason.kind == "exited"
+    assert result == "socket created" and reason.kind == "disconnected"
     assert child_fd is None
 
 
 def test_policy_errno_rule_returns_errno(tmp_path):
     policy = policy_file(tmp_path, "@COMMON\n@VHOST\nsocket: return EPERM\n")
     result, reason, _ = run_in_jail(_config(policy=policy), lambda: _try(lambda: socket.socket()))
-    assert result == errno.EPERM and reason.kind == "exited"
+    assert result == errno.EPERM and reason.kind == "disconnected"
 
 
 def _try(fn):
@@ -208,7 +208,7 @@ def test_listener_handover_needs_no_sendmsg_in_the_policy(tmp_path):
     policy = policy_file(tmp_path, MINIMAL)
     try:
         result, reason, _ = run_in_jail(_config(policy=policy), lambda: "ok")
-        assert (result, reason.kind, reason.code) == ("ok", "exited", 0), str(reason)
+        assert (result, reason.kind, reason.code) == ("ok", "disconnected", 0), str(reason)
         _, reason, _ = run_in_jail(_config(policy=policy, keep_fds=[b.fileno()]),
                                    lambda: _libc.syscall(46, b.fileno(), None, 0))  # raw sendmsg(2)
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import subprocess
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ import pytest
 
 from frontend.supervisor_process import REPO, SupervisorProcess
 
-__all__ = ["REPO", "SupervisorProc", "pid_alive"]
+__all__ = ["REPO", "SupervisorProc", "pid_alive", "wait_exited"]
 
 
 class SupervisorProc(SupervisorProcess):
@@ -95,3 +96,26 @@ def pid_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def wait_exited(pids: list[int], timeout: float) -> bool:
+    """Wait on the processes' pidfds (readable when they exit) rather than polling."""
+    fds = []
+    try:
+        for pid in pids:
+            try:
+                fds.append(os.pidfd_open(pid))
+            except ProcessLookupError:
+                continue
+        deadline = time.monotonic() + timeout
+        pending = set(fds)
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            ready, _, _ = select.select(list(pending), [], [], remaining)
+            pending -= set(ready)
+        return not any(pid_alive(p) for p in pids)   # exited and reaped (or a zombie)
+    finally:
+        for fd in fds:
+            os.close(fd)

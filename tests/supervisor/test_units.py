@@ -15,8 +15,8 @@ import signal
 import socket
 
 from supervisor import logs
-from supervisor.child import classify, from_exit_reason
-from supervisor.metrics import unix_connections
+from supervisor.child import classify
+from supervisor.metrics import frontend_state
 from supervisor.notify import Notifier
 from supervisor.slot import ExitInfo, ExitKind, RestartTracker, should_restart
 from supervisor.status import format_table, human_bytes, human_duration
@@ -71,16 +71,56 @@ def test_classify_plain_wait_statuses() -> None:
     assert classify(signal.SIGSYS).kind is ExitKind.SECCOMP
 
 
-def test_from_sandbox_exit_reason() -> None:
-    from sandbox import ExitReason
-    assert from_exit_reason(ExitReason("exited", code=0)).kind is ExitKind.DISCONNECTED
-    term = from_exit_reason(ExitReason("exited", code=128 + signal.SIGTERM))
+def test_jailed_and_plain_exits_decode_alike() -> None:
+    """One decoder (sandbox.exits) for both paths; the jailed device is pid 1,
+    so its exit(128 + SIGTERM) is SIGTERM, and a set-up failure needs the
+    jail's own message."""
+    from sandbox.exits import ExitReason, decode_wait_status
+    for status in (0, 3 << 8, signal.SIGKILL, signal.SIGSYS):
+        assert ExitInfo.from_reason(decode_wait_status(status, pid1=True)) == classify(status)
+    term = ExitInfo.from_reason(decode_wait_status((128 + signal.SIGTERM) << 8, pid1=True))
     assert term.kind is ExitKind.SIGNALED and term.signal == "SIGTERM"
-    assert from_exit_reason(ExitReason("exited", code=1)) == ExitInfo(ExitKind.ERROR, code=1)
-    sc = from_exit_reason(ExitReason("seccomp", signal=signal.SIGKILL, syscall="ptrace"))
+    assert classify((128 + signal.SIGTERM) << 8) == ExitInfo(ExitKind.ERROR, code=128 + signal.SIGTERM)
+    sc = ExitInfo.from_reason(decode_wait_status(signal.SIGKILL, violation="ptrace", pid1=True))
     assert sc.kind is ExitKind.SECCOMP and sc.syscall == "ptrace" and "ptrace" in sc.describe()
-    jf = from_exit_reason(ExitReason("jail_failed", code=125, message="jail step 'pivot_root' failed"))
+    jf = ExitInfo.from_reason(decode_wait_status(125 << 8, jail_error="jail step 'pivot_root' failed"))
     assert jf.kind is ExitKind.JAIL_FAILED and "pivot_root" in jf.describe()
+    assert decode_wait_status(125 << 8) == ExitReason(ExitKind.ERROR, code=125)
+
+
+def test_slot_transitions_follow_the_table() -> None:
+    """Only the child moves a slot to ready, only the socket to serving."""
+    import pytest
+
+    from supervisor.slot import DeviceSlot, IllegalTransition, Request, State
+
+    class Spec:
+        name = "rng-0"
+
+    slot = DeviceSlot(spec=Spec())
+    child = object()
+    assert not slot.frontend(True)                   # no child: nothing to serve
+    slot.spawned(child, None, 1.0, 1.0)
+    assert slot.state is State.STARTING and slot.spawns == 1 and slot.restarts == 0
+    assert not slot.frontend(True)                   # not built yet
+    assert not slot.built(object())                  # a stale child's message
+    assert slot.built(child) and slot.state is State.READY and not slot.built(child)
+    assert slot.frontend(True) and slot.state is State.SERVING
+    assert slot.frontend(False) and slot.state is State.READY
+    slot.request(Request.RESTART)
+    assert slot.child_gone(BYE, 2.0) is Request.RESTART and slot.pending is None and slot.child is None
+    slot.fail()
+    with pytest.raises(IllegalTransition):
+        slot._enter(State.READY)
+    slot.spawned(child, None, 3.0, 3.0)
+    assert slot.restarts == 1
+    with pytest.raises(IllegalTransition):   # "stopped" while a process runs: never
+        slot.stop()
+    slot.request(Request.STOP)
+    assert slot.state is State.STOPPING and not slot.built(child)
+    slot.child_gone(BYE, 4.0)
+    slot.stop()
+    assert slot.state is State.STOPPED
 
 
 def test_log_lines_text_and_json() -> None:
@@ -137,34 +177,102 @@ def test_status_table() -> None:
     assert human_bytes(22 << 20) == "22.0M" and human_duration(59.94) == "59.9s" and human_duration(None) == "-"
 
 
-def test_unix_connections_sees_queued_and_accepted() -> None:
+def test_frontend_state_sees_queued_and_accepted() -> None:
+    """The listener's accept queue, and an accepted socket (held here, read
+    through pidfd_getfd like a child's) that carries the listener's path."""
     path = "/tmp/vs-conn-test.sock"
     if os.path.exists(path):
         os.unlink(path)
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(path)
     srv.listen()
+    lfd, lino = srv.fileno(), os.fstat(srv.fileno()).st_ino
+    me = os.getpid()
+    pidfd = os.pidfd_open(me)
     try:
-        assert not unix_connections({path})[path].connected
+        assert not frontend_state(path, lfd, lino, me, pidfd).connected
         c = socket.socket(socket.AF_UNIX)
         c.connect(path)
-        st = unix_connections({path})[path]
+        st = frontend_state(path, lfd, lino, me, pidfd)
         assert st.queued == 1 and st.accepted == 0 and st.describe() == "queued"
         a, _ = srv.accept()
-        st = unix_connections({path})[path]
-        assert st.accepted == 1 and st.describe() == "yes"
-        a.close()
+        st = frontend_state(path, lfd, lino, me, pidfd)
+        # the client end is ours too, but it is not named after the path
+        assert st.accepted == 1 and st.queued == 0 and st.describe() == "yes"
         c.close()
-        assert not unix_connections({path})[path].connected
+        assert not frontend_state(path, lfd, lino, me, pidfd).connected   # the peer hung up
+        a.close()
     finally:
+        os.close(pidfd)
         srv.close()
         os.unlink(path)
 
 
-def test_line_budget_drops_a_flood_and_counts_it() -> None:
-    b = logs.LineBudget(rate=10.0, burst=5.0)
-    allowed = sum(b.allow() for _ in range(100))
-    assert allowed in (5, 6)
-    assert b.take_suppressed() == 100 - allowed and b.take_suppressed() == 0
-    b.stamp -= 1.0      # a second later the bucket has refilled (up to the burst)
-    assert sum(b.allow() for _ in range(100)) == 5
+def test_log_budget_drops_a_flood_and_counts_it() -> None:
+    b = logs.LogBudget(rate=10.0, burst=5.0, byte_rate=1000.0, byte_burst=100.0)
+    allowed = sum(b.admit(b"x") for _ in range(100))
+    assert allowed in (5, 6) and b.exhausted
+    assert b.report_due(final=True) == (100 - allowed, 100 - allowed) and b.report_due(final=True) is None
+    b.refill(b.stamp + 1.0)     # a second later the buckets have refilled (up to the bursts)
+    assert sum(b.admit(b"x" * 30) for _ in range(10)) == 3      # 100 bytes of burst: three 30-byte lines
+    assert b.total_dropped == 100 - allowed + 7
+
+
+def test_clean_exits_burst_then_one_per_second() -> None:
+    from supervisor.slot import CLEAN_BURST, CleanExitLimiter
+    lim = CleanExitLimiter()
+    assert [lim.delay(0.0) for _ in range(CLEAN_BURST)] == [0.0] * CLEAN_BURST
+    now, starts = 0.0, []
+    for _ in range(20):            # each next child starts when its delay is over
+        now += lim.delay(now)
+        starts.append(now)
+    assert starts[-1] >= 19.0 and all(b - a >= 0.999 for a, b in zip(starts, starts[1:]))
+    assert lim.summary_due(now) == (CLEAN_BURST + 20, 20) and lim.summary_due(now) is None
+
+
+def test_crash_loop_backoff_doubles_to_five_minutes() -> None:
+    from supervisor.slot import CRASH_LOOP_MAX
+    t = RestartTracker()
+    out = [t.record_exit(CRASH, float(i), uptime=0.1) for i in range(16)]
+    assert [o[0] for o in out[:5]] == [False] * 4 + [True]
+    assert out[4][1] == 1.6 and out[5][1] == 3.2           # past the breaker: still doubling
+    assert out[-1] == (True, CRASH_LOOP_MAX)
+
+
+def test_containment_options_parsed_and_bad_values_name_the_key(sup_dir: str) -> None:
+    import pytest
+
+    from supervisor.config import DEFAULT_UID_RANGE, ConfigError, build_config, load_toml
+    cfg = build_config(ordered_flags=[("rng", f"vhost={sup_dir}/a.sock,watchdog-sec=2.5,crash-loop=fail"),
+                                      ("rng", f"vhost={sup_dir}/b.sock")], control_socket=f"{sup_dir}/c.sock")
+    a, b = cfg.devices
+    assert (a.watchdog_sec, a.crash_loop, a.jail_user) == (2.5, "fail", None)
+    assert (b.watchdog_sec, b.crash_loop) == (5.0, "backoff") and cfg.uid_range == DEFAULT_UID_RANGE
+    for opt, key in (("watchdog-sec=soon", "watchdog-sec"), ("watchdog-sec=0.01", "watchdog-sec"),
+                     ("crash-loop=panic", "crash-loop")):
+        with pytest.raises(ConfigError) as ei:
+            build_config(ordered_flags=[("rng", f"vhost={sup_dir}/a.sock,{opt}")], control_socket=f"{sup_dir}/c.sock")
+        assert (ei.value.key, ei.value.device) == (key, "rng-0"), str(ei.value)
+    path = os.path.join(sup_dir, "s.toml")
+    for text in ('uid-range = "5-1"', 'uid-range = "100-200"', 'uid-range = "lots"'):
+        with open(path, "w") as f:
+            f.write(f"[supervisor]\n{text}\n")
+        with pytest.raises(ConfigError) as ei:
+            load_toml(path)
+        assert ei.value.key == "uid-range", str(ei.value)
+    with open(path, "w") as f:
+        f.write('[supervisor]\nuid-range = "2000000000-2000000009"\n')
+    assert load_toml(path).uid_range == (2000000000, 10)
+
+
+def test_uid_allocation_one_id_per_device_skipping_fixed_ones() -> None:
+    import pytest
+
+    from sandbox.idrange import IdRange, IdRangeError, allocate, users_of
+    rng = IdRange(5000, 4)
+    got = allocate(rng, ["a", "b", "c", "d"], {"b": (5001, 5001)})
+    assert got == {"a": (5000, 5000), "b": (5001, 5001), "c": (5002, 5002), "d": (5003, 5003)}
+    with pytest.raises(IdRangeError):
+        allocate(rng, ["a", "b", "c", "d", "e"], {})
+    assert any("process" in u for u in users_of(IdRange(0, 1)))      # root runs processes
+    assert any("'nobody'" in u for u in users_of(IdRange(65534, 1)))

@@ -1,0 +1,101 @@
+"""Host uids/gids for device children: one id per device from a reserved range.
+
+Why: ``kill(2)`` lets a process signal another whose real or saved uid
+equals its own.  If every device ran as 65534 ("nobody"), any host process
+running as nobody could SIGSTOP or SIGKILL every device.  With one id per
+device that no account and no other process uses, nothing on the host but
+root (and the device itself) can signal a device child.
+
+The range is checked once at start: no entry of the passwd or group
+database, and no running process (real, effective, saved or filesystem
+id), may use an id in it.  Pure reads, no privilege needed.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+from dataclasses import dataclass
+
+
+class IdRangeError(ValueError):
+    """The range overlaps ids in use; the message names who uses which id."""
+
+
+@dataclass(frozen=True)
+class IdRange:
+    start: int
+    count: int
+
+    def __contains__(self, ident: object) -> bool:
+        return isinstance(ident, int) and self.start <= ident < self.start + self.count
+
+    def __str__(self) -> str:
+        return f"{self.start}-{self.start + self.count - 1}"
+
+
+def _process_ids(pid: str) -> tuple[set[int], str]:
+    """Every uid and gid of one process (Uid:/Gid: lines: real, effective, saved, fs);
+    none for a zombie, which can use its ids for nothing any more."""
+    ids: set[int] = set()
+    name = "?"
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Name:"):
+                    name = line.split(None, 1)[1].strip() if len(line.split(None, 1)) > 1 else "?"
+                elif line.startswith("State:") and line.split()[1:2] == ["Z"]:
+                    return set(), name
+                elif line.startswith(("Uid:", "Gid:")):
+                    ids.update(int(x) for x in line.split()[1:])
+    except (OSError, ValueError):
+        pass
+    return ids, name
+
+
+def users_of(rng: IdRange, *, skip_pids: frozenset[int] = frozenset()) -> list[str]:
+    """Who uses an id in ``rng``: passwd and group entries, running processes."""
+    found: list[str] = []
+    for pw in pwd.getpwall():
+        if pw.pw_uid in rng or pw.pw_gid in rng:
+            found.append(f"user {pw.pw_name!r} (uid {pw.pw_uid}, gid {pw.pw_gid})")
+    for gr in grp.getgrall():
+        if gr.gr_gid in rng:
+            found.append(f"group {gr.gr_name!r} (gid {gr.gr_gid})")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) in skip_pids:
+            continue
+        ids, name = _process_ids(pid)
+        hit = sorted(i for i in ids if i in rng)
+        if hit:
+            found.append(f"process {pid} ({name}) with id {hit[0]}")
+    return found
+
+
+def check_unused(rng: IdRange, *, skip_pids: frozenset[int] = frozenset()) -> None:
+    """Raise IdRangeError naming the first few users of ids in ``rng``."""
+    found = users_of(rng, skip_pids=skip_pids)
+    if found:
+        more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+        raise IdRangeError(f"{rng} is not free: used by {', '.join(found[:3])}{more}")
+
+
+def allocate(rng: IdRange, names: list[str], fixed: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    """One (uid, gid) per name: ``fixed`` ones as given, the others the next
+    free id of ``rng`` (uid == gid), never one a fixed entry uses."""
+    taken = {i for pair in fixed.values() for i in pair}
+    out: dict[str, tuple[int, int]] = {}
+    nxt = rng.start
+    for name in names:
+        if name in fixed:
+            out[name] = fixed[name]
+            continue
+        while nxt in taken:
+            nxt += 1
+        if nxt not in rng:
+            raise IdRangeError(f"{rng} has no free id left for device {name!r} ({len(names)} devices)")
+        out[name] = (nxt, nxt)
+        taken.add(nxt)
+        nxt += 1
+    return out
