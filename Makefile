@@ -10,7 +10,7 @@ APT_PACKAGES := libcap-dev libseccomp2 qemu-system-x86 qemu-system-common qemu-u
                 busybox-static cpio zstd xz-utils fio
 PYTEST_FLAGS ?=
 
-.PHONY: all setup system-packages demo test e2e security bench clean
+.PHONY: all setup system-packages demo test conformance e2e security bench clean
 
 all: test
 
@@ -38,8 +38,15 @@ setup: system-packages $(STAMP)
 demo: setup
 	$(PY) -m supervisor.demo
 
-test: setup
+test: setup conformance
 	$(PY) -m pytest $(PYTEST_FLAGS)
+
+# QEMU's own vhost-user-blk qtest suite, unmodified, against our block device
+# (through conformance/qsd-shim) and against qemu-storage-daemon.  The first
+# run builds QEMU's qtest binaries for the installed QEMU (cached under
+# /var/cache/vhost-supervisor, reused afterwards); see conformance/README.md.
+conformance: setup
+	$(PY) conformance/run.py
 
 e2e: setup
 	$(PY) -m pytest tests/e2e $(PYTEST_FLAGS)

@@ -35,7 +35,18 @@ cache="$base/qemu-$upstream-qtest"
 build="$cache/build"
 stamp="$cache/.built-$(echo "$src_ver" | tr ':' '_')"
 
+# A binary run from its build tree looks for firmware only under
+# qemu-bundle/<configured path> (util/cutils.c get_relocated_path); the dfsg
+# source has no pc-bios blobs, so those paths lead to Debian's packages.
+link_firmware() {
+    for dir in /usr/share/qemu /usr/share/seabios /usr/lib/ipxe/qemu; do
+        mkdir -p "$build/qemu-bundle$(dirname "$dir")"
+        ln -sfn "$dir" "$build/qemu-bundle$dir"
+    done
+}
+
 if [ -f "$stamp" ] && [ -x "$build/qemu-system-x86_64" ] && [ -x "$build/tests/qtest/qos-test" ]; then
+    link_firmware
     log "cached build for $src_pkg $src_ver in $build"
     echo "$build"; exit 0
 fi
@@ -87,8 +98,7 @@ SRC
 fi
 log "source in $srcdir"
 
-# Reduced configuration; firmware comes from Debian's packages (the dfsg
-# tarball has no pc-bios blobs, so the build tree's qemu-bundle/ is empty).
+# Reduced configuration; firmware comes from Debian's packages (see link_firmware).
 rm -rf "$build"; mkdir -p "$build"
 cd "$build"
 "$srcdir/configure" --target-list=x86_64-softmmu --without-default-features \
@@ -100,5 +110,6 @@ jobs=$(nproc)
 log "ninja -j$jobs qemu-system-x86_64 tests/qtest/qos-test"
 ninja -j"$jobs" qemu-system-x86_64 tests/qtest/qos-test >ninja.log 2>&1 \
     || { tail -n 40 ninja.log >&2; exit 1; }
+link_firmware
 touch "$stamp"
 echo "$build"

@@ -36,6 +36,8 @@ import signal
 import sys
 from dataclasses import dataclass
 
+import prctl
+
 from . import standalone
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -262,8 +264,13 @@ def parse_command_line(argv: list[str]) -> list[Export]:
 # --------------------------------------------------------------------------
 # Running
 
-def _run_device(argv: list[str], close_fds: list[int]) -> int:
-    """In the forked child: one device, as ``vhost-supervisor device``."""
+def _run_device(argv: list[str], close_fds: list[int], shim: int) -> int:
+    """In the forked child: one device, as ``vhost-supervisor device``.
+    It gets SIGTERM if the shim dies (even by SIGKILL), so the exports end
+    together as qemu-storage-daemon's, never left orphaned in accept()."""
+    prctl.set_pdeathsig(signal.SIGTERM)
+    if os.getppid() != shim:   # the shim died before that
+        return 0
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
     for fd in close_fds:
         os.close(fd)
@@ -287,6 +294,7 @@ def serve(exports: list[Export], log_level: str) -> int:
     fails stops the others (qemu-storage-daemon is one process)."""
     children: dict[int, Export] = {}
     export_fds = [e.fd for e in exports if e.fd is not None]
+    shim = os.getpid()
     for export in exports:
         sys.stdout.flush()
         sys.stderr.flush()
@@ -295,7 +303,7 @@ def serve(exports: list[Export], log_level: str) -> int:
             status = 1
             try:
                 others = [fd for fd in export_fds if fd != export.fd]
-                status = _run_device(export.device_argv(log_level), others)
+                status = _run_device(export.device_argv(log_level), others, shim)
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()

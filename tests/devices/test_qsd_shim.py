@@ -207,3 +207,28 @@ def test_failing_device_fails_the_shim(tmp_path):
     sock.close()
     assert out.returncode == 1, out.stderr
     assert "missing.img" in out.stderr and "export disk1 exited with status 1" in out.stderr
+
+
+def test_devices_end_with_the_shim(exports):
+    """SIGKILL to the shim: its devices get SIGTERM and end (exit 0) rather
+    than staying orphaned in accept()."""
+    e = exports(2)
+    deadline = time.monotonic() + 30
+    while not _forked_devices(e.proc.pid):
+        assert e.proc.poll() is None and time.monotonic() < deadline, e.log.read_text()
+    with open(f"/proc/{e.proc.pid}/task/{e.proc.pid}/children") as f:
+        pids = [int(p) for p in f.read().split()]
+    e.proc.kill()
+    e.proc.wait()
+    for pid in pids:
+        while os.path.exists(f"/proc/{pid}") and not _zombie(pid):
+            assert time.monotonic() < deadline, f"device {pid} outlived the shim"
+            time.sleep(0.01)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
