@@ -725,3 +725,7 @@ def test_max_discard_segments_option(blk, image):
     for bad in ("0", "257", "x"):
         with pytest.raises(ConfigError, match=f"max-discard-segments={bad!r}"):
             BlockBuilder.from_options("blk", {"path": image, "max-discard-segments": bad})
+    # the standalone program's flag is the same option
+    from devices import standalone
+    args = standalone._parser().parse_args(["block", "--fd", "3", "--file", image, "--max-discard-segments", "4"])
+    assert standalone.options_from_args(args)["max-discard-segments"] == "4"

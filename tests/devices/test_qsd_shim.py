@@ -232,3 +232,24 @@ def _zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_unix_socket_export_read_only_by_default(tmp_path):
+    """addr.type=unix, and qemu-storage-daemon's default writable=off: the
+    device offers VIRTIO_BLK_F_RO."""
+    from devices.block import F_RO
+    (tmp_path / "img").write_bytes(bytes(MiB))
+    sock = str(tmp_path / "e.sock")
+    proc = subprocess.Popen([SHIM, "--blockdev", "driver=file,node-name=n,filename=img",
+                             "--export", f"type=vhost-user-blk,id=e,node-name=n,addr.type=unix,addr.path={sock}"],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        fe = VhostUserFrontend.connect(sock, timeout=30)
+        fe.negotiate()
+        assert fe.features & F_RO
+        fe.close()
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
