@@ -272,8 +272,11 @@ def _run_device(argv: list[str], close_fds: list[int], shim: int) -> int:
     if os.getppid() != shim:   # the shim died before that
         return 0
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-    for fd in close_fds:
-        os.close(fd)
+    for fd in set(close_fds):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
     try:
         return standalone.main(argv)
     except SystemExit as exc:  # its argparse
