@@ -10,7 +10,7 @@ APT_PACKAGES := libcap-dev libseccomp2 qemu-system-x86 qemu-system-common qemu-u
                 busybox-static cpio zstd xz-utils fio
 PYTEST_FLAGS ?=
 
-.PHONY: all setup system-packages demo test check e2e security bench clean
+.PHONY: all setup system-packages demo test check conformance e2e security bench clean
 
 all: test
 
@@ -38,13 +38,20 @@ setup: system-packages $(STAMP)
 demo: setup
 	$(PY) -m supervisor.demo
 
-test: setup
+test: setup conformance
 	$(PY) -m pytest $(PYTEST_FLAGS)
 
 # The fast tier: unit and integration tests (real sockets, fork, jails, seccomp),
 # nothing that needs a QEMU binary or boots a guest.
 check: setup
 	$(PY) -m pytest tests --ignore=tests/e2e -m "not e2e and not qemu" $(PYTEST_FLAGS)
+
+# QEMU's own vhost-user-blk qtest suite, unmodified, against our block device
+# (through conformance/qsd-shim) and against qemu-storage-daemon.  The first
+# run builds QEMU's qtest binaries for the installed QEMU (cached under
+# /var/cache/vhost-supervisor, reused afterwards); see conformance/README.md.
+conformance: setup
+	$(PY) conformance/run.py
 
 e2e: setup
 	$(PY) -m pytest tests/e2e $(PYTEST_FLAGS)

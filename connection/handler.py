@@ -472,6 +472,16 @@ class DeviceRequestHandler(Backend):
     def _set_vring_call(self, msg: Message) -> None:
         index, fd = self._vring_fd(msg)
         self.queues[index].set_call_fd(fd)
+        if fd is not None:
+            # As libvhost-user, "in case of I/O hang after reconnecting": a
+            # completion published before a back-end crash (or before the fd
+            # changed) may have lost its notification.  One spurious
+            # interrupt costs the driver a look at the used ring; a lost one
+            # leaves it waiting forever.
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError as e:  # a full counter has a wake-up pending anyway
+                log.debug("SET_VRING_CALL: initial signal of vring %d: %s", index, e)
         return None
 
     def _set_vring_err(self, msg: Message) -> None:

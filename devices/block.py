@@ -48,9 +48,14 @@ MAX_QUEUES = 16
 SEG_MAX = 126
 SIZE_MAX = 1 << 20
 MAX_DISCARD_SECTORS = 0xFFFFFFFF
-MAX_DISCARD_SEG = 32
 MAX_WRITE_ZEROES_SECTORS = 0xFFFFFFFF
-MAX_WRITE_ZEROES_SEG = 32
+#: Segments per DISCARD / WRITE_ZEROES request (max_discard_seg and
+#: max_write_zeroes_seg): one by default, as QEMU's block exports and its
+#: built-in virtio-blk advertise, since no userspace API submits several
+#: ranges in one call; the ``max-discard-segments`` option raises it up to
+#: the bound (Linux's own cap on discard segments).
+DISCARD_SEGMENTS = 1
+DISCARD_SEGMENTS_BOUND = 256
 #: Requests served before the driver is notified even if more wait.
 MAX_BATCH = 64
 #: I/O threads per device with direct=true.
@@ -146,8 +151,11 @@ class BlockDevice(QueueTaskDevice):
     def __init__(self, ex: Executor, name: str, fd: int, size: int, *, read_only: bool = False,
                  sparse: bool = True, direct: bool = False, block_size: int = SECTOR_SIZE,
                  num_queues: int = 1, disk_id: bytes | None = None,
-                 io_threads: int | None = None, poll_max_ns: int = POLL_MAX_NS) -> None:
+                 io_threads: int | None = None, poll_max_ns: int = POLL_MAX_NS,
+                 discard_segments: int = DISCARD_SEGMENTS) -> None:
         super().__init__(ex, name)
+        #: max_discard_seg and max_write_zeroes_seg of the config space.
+        self.discard_segments = discard_segments
         #: Bound of each queue's adaptive avail-ring polling before it sleeps on
         #: the kick eventfd: QD1 latency bought with CPU (0 = never poll).
         self.poll_max_ns = poll_max_ns
@@ -201,9 +209,9 @@ class BlockDevice(QueueTaskDevice):
             physical_block_exp=0, alignment_offset=0, min_io_size=1, opt_io_size=1,
             writeback=1, unused0=0,                   # writeback: only meaningful with CONFIG_WCE
             num_queues=self.num_queues,
-            max_discard_sectors=MAX_DISCARD_SECTORS, max_discard_seg=MAX_DISCARD_SEG,
+            max_discard_sectors=MAX_DISCARD_SECTORS, max_discard_seg=self.discard_segments,
             discard_sector_alignment=align,
-            max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS, max_write_zeroes_seg=MAX_WRITE_ZEROES_SEG,
+            max_write_zeroes_sectors=MAX_WRITE_ZEROES_SECTORS, max_write_zeroes_seg=self.discard_segments,
             write_zeroes_may_unmap=1,
         ))
 
@@ -453,10 +461,14 @@ class BlockDevice(QueueTaskDevice):
         if not self.sparse:
             self._bad(qi, f"{name} not offered (sparse=false)")
             return S_UNSUPP
-        max_seg = MAX_DISCARD_SEG if rtype == T_DISCARD else MAX_WRITE_ZEROES_SEG
-        if dlen <= 0 or dlen % SEGMENT.size or dlen // SEGMENT.size > max_seg:
-            self._bad(qi, f"{name} with {dlen} bytes of segments (16-byte segments, at most {max_seg})")
+        if dlen <= 0 or dlen % SEGMENT.size:
+            self._bad(qi, f"{name} with {dlen} bytes of segments (not whole 16-byte segments)")
             return S_IOERR
+        if dlen // SEGMENT.size > self.discard_segments:
+            # More ranges than the config space offers: a command this device
+            # does not support (QEMU answers UNSUPP too), not a failed one.
+            self._bad(qi, f"{name} with {dlen // SEGMENT.size} segments, at most {self.discard_segments}")
+            return S_UNSUPP
         raw = b"".join(bytes(v) for v in data)
         segments = [SEGMENT.unpack_from(raw, i) for i in range(0, dlen, SEGMENT.size)]
         for sector, count, flags in segments:
@@ -644,8 +656,9 @@ class BlockBuilder(DeviceBuilder):
 
     def __init__(self, name: str, path: str, fd: int, size: int, *, read_only: bool, sparse: bool,
                  direct: bool, block_size: int, num_queues: int, disk_id: bytes | None,
-                 poll_max_ns: int = POLL_MAX_NS) -> None:
+                 poll_max_ns: int = POLL_MAX_NS, discard_segments: int = DISCARD_SEGMENTS) -> None:
         self.name = name
+        self.discard_segments = discard_segments
         self.poll_max_ns = poll_max_ns
         self.path = path
         self.fd = fd
@@ -688,7 +701,7 @@ class BlockBuilder(DeviceBuilder):
             raise
         return cls(name, path, fd, size, read_only=read_only, sparse=o["sparse"], direct=direct,
                    block_size=block_size, num_queues=o["num-queues"], disk_id=disk_id,
-                   poll_max_ns=o["poll-us"] * 1000)
+                   poll_max_ns=o["poll-us"] * 1000, discard_segments=o["max-discard-segments"])
 
     def keep_fds(self) -> list[int]:
         return [self.fd] if self.fd >= 0 else []
@@ -699,7 +712,7 @@ class BlockBuilder(DeviceBuilder):
         return BlockDevice(ex, self.name, self.fd, self.size, read_only=self.read_only,
                            sparse=self.sparse, direct=self.direct, block_size=self.block_size,
                            num_queues=self.num_queues, disk_id=self.disk_id,
-                           poll_max_ns=self.poll_max_ns)
+                           poll_max_ns=self.poll_max_ns, discard_segments=self.discard_segments)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -740,6 +753,10 @@ OPTIONS = (
            "bound of the adaptive ring polling before sleeping, in µs (0..1000; 0 saves CPU on hosts "
            "with many idle disks at the cost of queue-depth-1 latency)",
            aliases=("poll_us",), lo=0, hi=1000, metavar="US"),
+    Option("max-discard-segments", int, DISCARD_SEGMENTS,
+           f"ranges per DISCARD/WRITE_ZEROES request (1..{DISCARD_SEGMENTS_BOUND}; default 1, as QEMU's "
+           "virtio-blk and block exports advertise)",
+           aliases=("max_discard_segments",), lo=1, hi=DISCARD_SEGMENTS_BOUND, metavar="N"),
     Option("id", str, help=f"GET_ID answer (a serial of at most {ID_BYTES} bytes)", check=_id_fits,
            metavar="SERIAL"),
     Option("packed-queue", bool, False, "crosvm's packed ring: refused", aliases=("packed_queue",),

@@ -4,9 +4,11 @@ Follows the vhost-user spec's back-end program conventions: ``--socket-path``
 or ``--fd`` (exclusive), ``--print-capabilities`` prints the JSON
 capabilities and exits 0, no daemonizing, exit 0 when the front-end
 disconnects, non-zero when initialisation fails, quick clean exit on
-SIGTERM.  The device is built through the same ``Builder.from_options`` the
-supervisor uses, and the flags are made from the type's declared options
-(``add_option_flags``), so they are only a different spelling of its keys.
+SIGTERM: status 0 in every state, also while waiting for the first
+connection and in the last milliseconds after the front-end left.  The device
+is built through the same ``Builder.from_options`` the supervisor uses, and the
+flags are made from the type's declared options (``add_option_flags``), so they
+are only a different spelling of its keys.
 
 Also runnable as ``python -m devices.standalone block ...``.
 """
@@ -24,7 +26,8 @@ import sys
 from collections.abc import Callable
 
 from connection.connection import VhostUserConnection, VhostUserListener, VhostUserStream
-from connection.executor import Executor
+from connection.executor import Executor, wait_readable
+from connection.handler import Backend
 
 from . import DEVICE_TYPES
 from .devtype import DeviceType
@@ -96,41 +99,101 @@ def options_from_args(args: argparse.Namespace) -> dict[str, str]:
             if opt.cli and getattr(args, opt.name) is not None}
 
 
+class ListeningFd(VhostUserConnection):
+    """An inherited listening socket (socket activation, QEMU's test
+    harness): its first front-end is accepted inside the event loop, so a
+    SIGTERM while waiting cancels the wait like any other (a blocking
+    accept() would only run the handler and go back to waiting).  The
+    listening socket is closed once a front-end is accepted."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock: socket.socket | None = sock
+
+    async def run_req_handler(self, handler: Backend, ex: Executor) -> None:
+        if self._sock is None:
+            raise ValueError("listening fd already served")
+        sock = self._sock
+        sock.setblocking(False)
+        while True:
+            try:
+                conn, _ = sock.accept()
+                break
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                pass
+            await wait_readable(ex.loop, sock.fileno())
+        self.close()
+        await VhostUserStream(conn).run_req_handler(handler, ex)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
 def _connection(args: argparse.Namespace) -> VhostUserConnection:
     if args.socket_path:
         return VhostUserListener(args.socket_path)
     sock = socket.socket(fileno=args.fd)
     if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        try:  # a listening socket (socket activation): serve its first client
-            conn, _ = sock.accept()
-        finally:
-            sock.close()
-        return VhostUserStream(conn)
+        return ListeningFd(sock)
     return VhostUserStream(sock)
 
 
-def _install_signals(ex: Executor) -> None:
-    """SIGTERM/SIGINT cancel every task: the connection's clean-up runs
-    (queues stopped, socket closed) and ``run_device`` returns.  A plain
-    handler that only queues a callback works whether or not the loop is
-    running yet (a signal can arrive between bind and the loop's start).
-    A second signal exits at once."""
-    loop = ex.loop
-    received: list[int] = []
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def stop() -> None:
-        for task in asyncio.all_tasks(loop):
+
+class _StopSignals:
+    """SIGTERM/SIGINT cancel every task: the connection's clean-up runs
+    (queues stopped, socket closed) and ``run_device`` returns, status 0.
+
+    The handler only records the signal and queues a callback, which works
+    whether the loop is not running yet (a signal between bind and the
+    loop's start), running, or already closed (the device is exiting by
+    itself after the front-end left: nothing left to stop).  It logs
+    nothing itself: a signal that lands inside a write to stderr would make
+    the handler's own write a reentrant call.  A second signal exits at
+    once.  ``exiting()`` then ignores both signals for the rest of the
+    process: Python's finalization would otherwise restore their default
+    action, and a SIGTERM in the last milliseconds would turn exit 0 into
+    death by signal (143)."""
+
+    def __init__(self, ex: Executor) -> None:
+        self.loop = ex.loop
+        self.received: int | None = None
+        self._previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handler)
+        # A launcher may start us with them blocked (devices.qsd_shim does,
+        # so that none is lost before this point); pending ones arrive now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+    def _stop(self) -> None:
+        if self.received is not None:
+            log.info("%s received; exiting", signal.Signals(self.received).name)
+        for task in asyncio.all_tasks(self.loop):
             task.cancel()
 
-    def handler(signum: int, frame: object) -> None:
-        if received:
+    def _handler(self, signum: int, frame: object) -> None:
+        if self.received is not None:
             os._exit(0)
-        received.append(signum)
-        log.info("%s received; exiting", signal.Signals(signum).name)
-        loop.call_soon_threadsafe(stop)
+        self.received = signum
+        if self.loop.is_closed():
+            return
+        try:
+            self.loop.call_soon_threadsafe(self._stop)
+        except RuntimeError:  # closed meanwhile: nothing left to stop
+            pass
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handler)
+    def exiting(self) -> None:
+        """The program is exiting on its own: ignore further stop signals."""
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        """Back to the dispositions found at start (error paths before
+        serving, which in-process callers such as tests also take)."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,12 +218,13 @@ def main(argv: list[str] | None = None) -> int:
                             format=f"device={name} %(levelname)s %(name)s: %(message)s")
     # Signals first: once the socket exists, a SIGTERM must find the handler.
     ex = Executor()
-    _install_signals(ex)
+    stops = _StopSignals(ex)
     try:
         builder = dtype.builder.from_options(name, options_from_args(args))
     except ConfigError as exc:
         print(f"vhost-supervisor device {args.kind}: {exc}", file=sys.stderr)
         ex.close()
+        stops.restore()
         return 1
     try:
         conn = _connection(args)
@@ -168,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vhost-supervisor device {args.kind}: cannot set up the socket: {exc}", file=sys.stderr)
         builder.close()
         ex.close()
+        stops.restore()
         return 1
     resources = conn.take_parent_process_resources()
     status = 0
@@ -179,13 +244,17 @@ def main(argv: list[str] | None = None) -> int:
         log.error("device failed: %s: %s", type(exc).__name__, exc)
         status = 1
     finally:
-        ex.close()
+        try:
+            ex.close()
+        except asyncio.CancelledError:  # a stop signal while the clean-up ran the loop
+            ex.close()
         close = getattr(conn, "close", None)
         if close is not None:
             close()
         if resources is not None:
             resources.close()
         builder.close()
+        stops.exiting()
     return status
 
 

@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from connection.errors import ProtocolError
 from frontend.vhost_user import DEVICE_FEATURE_MASK, DRIVER_FEATURES, DriverQueue, VhostUserFrontend
 from frontend.virtio_blk import BlockDriver
+from devices import ConfigError
 from devices.block import BlockBuilder
 from devices.virtio_blk import (CONFIG, F_DISCARD, F_FLUSH, F_RO, F_WRITE_ZEROES, HEADER, S_IOERR, S_OK,
                                 S_UNSUPP, SEGMENT, T_DISCARD, T_FLUSH, T_GET_ID, T_IN, T_OUT, T_WRITE_ZEROES)
@@ -366,7 +367,7 @@ def _extents(path: str) -> list[tuple[int, int]]:
 
 
 def test_discard_and_write_zeroes_on_file(blk, image):
-    rig = blk(image)
+    rig = blk(image, **{"max-discard-segments": "2"})   # z2 has two segments
     q = rig.queues[0]
     assert rig.fe.acked_features & F_DISCARD and rig.fe.acked_features & F_WRITE_ZEROES
     # discard 64 KiB at 128 KiB, write-zeroes (unmap) 64 KiB at 512 KiB,
@@ -408,7 +409,9 @@ def test_discard_and_write_zeroes_on_file(blk, image):
     (T_WRITE_ZEROES, SEG.pack(0, 8, 2), S_UNSUPP),
     (T_DISCARD, SEG.pack(SIZE // 512 - 1, 8, 0), S_IOERR),  # out of range
     (T_WRITE_ZEROES, SEG.pack(0, 8, 0)[:10], S_IOERR),    # not a whole segment
-    (T_DISCARD, SEG.pack(0, 1, 0) * 33, S_IOERR),         # too many segments
+    (T_DISCARD, SEG.pack(0, 1, 0) * 2, S_UNSUPP),         # more than the default 1 segment
+    (T_WRITE_ZEROES, SEG.pack(0, 1, 0) * 2, S_UNSUPP),    # (as QEMU: a command not supported)
+    (T_DISCARD, SEG.pack(0, 1, 0) * 300, S_UNSUPP),
 ])
 def test_bad_discard(blk, image, rtype, seg, status):
     rig = blk(image)
@@ -464,6 +467,7 @@ def test_config_space(blk, image):
     assert fields[0] == SIZE // 512       # capacity
     assert fields[6] == 4096              # blk_size
     assert fields[13] == 4                # num_queues
+    assert (fields[15], fields[18]) == (1, 1)   # max_discard_seg, max_write_zeroes_seg: as QEMU
     assert fe.get_config(0, 8) == cfg[:8]
     assert fe.get_config(60, 36) == bytes(36)
     with pytest.raises(ProtocolError, match="refused"):
@@ -695,3 +699,25 @@ def test_fuzz_device_answers_or_breaks_only_its_queue(fuzz_rig, rtype, sector, s
     assert rig.driver.read(0, 512) == read_file(str(rig.path))[:512]
     if (rig.completed + rig.restarts) % 25 == 0:
         assert rig.fe.get_config(0, 8) == struct.pack("<Q", SIZE // 512)
+
+
+def test_max_discard_segments_option(blk, image):
+    """max-discard-segments raises both config limits and what is served;
+    one more segment than offered is still refused, out-of-bound values are
+    a configuration error."""
+    rig = blk(image, **{"max-discard-segments": "4"})
+    fields = CONFIG.unpack(rig.fe.get_config(0, 60))
+    assert (fields[15], fields[18]) == (4, 4)
+    q = rig.queues[0]
+    ok = Chain(q, [hdr(T_WRITE_ZEROES), SEG.pack(0, 1, 0) * 4], [1])
+    over = Chain(q, [hdr(T_DISCARD), SEG.pack(8, 1, 0) * 5], [1])
+    run(q, ok, over)
+    assert (ok.status, over.status) == (S_OK, S_UNSUPP)
+    assert read_file(image)[:512] == bytes(512)
+    for bad in ("0", "257", "x"):
+        with pytest.raises(ConfigError, match=f"key 'max-discard-segments', value {bad!r}"):
+            BlockBuilder.from_options("blk", {"path": image, "max-discard-segments": bad})
+    # the standalone program's flag is the same option
+    from devices import standalone
+    args = standalone._parser().parse_args(["block", "--fd", "3", "--file", image, "--max-discard-segments", "4"])
+    assert standalone.options_from_args(args)["max-discard-segments"] == "4"
