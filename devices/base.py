@@ -21,6 +21,13 @@ from connection.executor import Executor
 log = logging.getLogger("devices")
 
 
+#: ``memory-limit=`` default: the device's own heap (RLIMIT_DATA in its jail),
+#: guest RAM not included.  docs/sandbox.md has what each type uses.
+DEFAULT_MEMORY_LIMIT = 256 << 20
+MEMORY_LIMIT_RANGE = (32 << 20, 64 << 30)
+_SIZE_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
 class ConfigError(ValueError):
     """A device option is missing, unknown or has a bad value; the message
     names the key and the value."""
@@ -88,6 +95,29 @@ class Options:
             raise ConfigError(f"{self.device}: {got[0]}={got[1]!r} is outside [{lo}, {hi}]")
         return value
 
+    def size(self, key: str, default: int, lo: int, hi: int, *aliases: str) -> int:
+        """Bytes: a plain integer or with a K/M/G/T suffix (powers of 1024;
+        ``KiB``/``MB`` spellings accepted), e.g. ``256M``."""
+        got = self._get(key, aliases)
+        if got is None:
+            return default
+        text = got[1].strip().lower().removesuffix("ib").removesuffix("b")
+        number, suffix = text, ""
+        if text and text[-1] in _SIZE_SUFFIX:
+            number, suffix = text[:-1], text[-1]
+        try:
+            value = int(number, 0) * _SIZE_SUFFIX[suffix]
+        except ValueError:
+            raise ConfigError(f"{self.device}: {got[0]}={got[1]!r} is not a size (bytes, or with K/M/G)") from None
+        if not lo <= value <= hi:
+            raise ConfigError(f"{self.device}: {got[0]}={got[1]!r} is outside [{lo}, {hi}] bytes")
+        return value
+
+    def memory_limit(self) -> int:
+        """``memory-limit=``: every device type's memory budget (see
+        ``DeviceBuilder.memory_limit``)."""
+        return self.size("memory-limit", DEFAULT_MEMORY_LIMIT, *MEMORY_LIMIT_RANGE, "memory_limit")
+
     def check_unknown(self) -> None:
         for key, value in self.raw.items():
             if key not in self._used:
@@ -102,6 +132,9 @@ class DeviceBuilder(VhostUserDeviceBuilder):
 
     device_type: ClassVar[str]
     seccomp_policy: ClassVar[str]
+    #: Bytes of the child's own heap (``memory-limit=``), applied as
+    #: RLIMIT_DATA in its jail; guest RAM (shared memory) is not part of it.
+    memory_limit: int = DEFAULT_MEMORY_LIMIT
 
     @classmethod
     def from_options(cls, name: str, options: dict[str, str]) -> "DeviceBuilder":

@@ -24,6 +24,7 @@ import logging
 import mmap
 import os
 import struct
+import threading
 from typing import Any, ClassVar
 
 from connection.executor import Executor
@@ -76,6 +77,9 @@ MAX_WRITE_ZEROES_SEG = 32
 MAX_BATCH = 64
 #: I/O threads per device with direct=true.
 DIRECT_IO_THREADS = 8
+#: Bounce buffer per serving thread for O_DIRECT requests whose guest
+#: buffers are not aligned: a request moves through it in chunks.
+BOUNCE_SIZE = 1 << 20
 #: Bytes moved before the used index is published (without a notification)
 #: even if more requests wait.
 FLUSH_BYTES = 64 << 10
@@ -127,6 +131,8 @@ class BlockDevice(QueueTaskDevice):
                            else (DIRECT_IO_THREADS if direct else 0))
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._pooled: dict[int, _PooledQueue] = {}
+        #: Per-thread bounce buffer (see ``_bounce_buffer``).
+        self._bounce = threading.local()
 
     # ---------------------------------------------------------------- virtio
 
@@ -348,38 +354,51 @@ class BlockDevice(QueueTaskDevice):
 
     def _direct_retry(self, exc: OSError, read: bool, bufs: list, offset: int, total: int) -> bool:
         """O_DIRECT refuses guest buffers that are not aligned for the host
-        device: go through an aligned bounce buffer.  True if it worked."""
+        device: go through an aligned bounce buffer.  True if it worked.
+
+        The bounce is ``BOUNCE_SIZE`` bytes per serving thread, reused, and
+        the request moves through it a chunk at a time: a chain that lists
+        one guest buffer a thousand times costs the device one chunk, not
+        the request's length (its size is never the guest's to choose)."""
         if not (self.direct and exc.errno == errno.EINVAL and total):
             return False
-        try:
-            bounce = mmap.mmap(-1, (total + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1))
-        except OSError:
+        bounce = self._bounce_buffer()
+        if bounce is None:
             return False
         try:
-            view = memoryview(bounce)
-            try:
-                data = view[:total]
-                pos = 0
-                if read:
-                    self._finish(os.preadv, [data], offset, 0, total)
-                    for b in bufs:
-                        n = len(b)
-                        b[:] = data[pos:pos + n]
-                        pos += n
-                else:
-                    for b in bufs:
-                        n = len(b)
-                        data[pos:pos + n] = b
-                        pos += n
-                    self._finish(os.pwritev, [data], offset, 0, total)
-                data.release()
-            finally:
-                view.release()
+            done = 0
+            pieces = _Cursor(bufs)
+            while done < total:
+                n = min(BOUNCE_SIZE, total - done)
+                chunk = bounce[:n]
+                try:
+                    if read:
+                        self._finish(os.preadv, [chunk], offset + done, 0, n)
+                        pieces.copy(chunk, to_guest=True)
+                    else:
+                        pieces.copy(chunk, to_guest=False)
+                        self._finish(os.pwritev, [chunk], offset + done, 0, n)
+                finally:
+                    chunk.release()
+                done += n
         except OSError:
             return False
-        finally:
-            bounce.close()
         return True
+
+    def _bounce_buffer(self) -> memoryview | None:
+        """This thread's page-aligned bounce buffer (made on first use; the
+        loop thread and each I/O thread have one, so at most
+        ``1 + io_threads`` exist).  Private anonymous memory, so it counts
+        against the device's RLIMIT_DATA: None if over budget."""
+        view = getattr(self._bounce, "view", None)
+        if view is None:
+            try:
+                buf = mmap.mmap(-1, BOUNCE_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            except OSError as exc:
+                log.warning("device=%s cannot map a %d-byte bounce buffer: %s", self.name, BOUNCE_SIZE, exc)
+                return None
+            view = self._bounce.view = memoryview(buf)
+        return view
 
     def _split_header(self, chain: Any, qi: int, last: memoryview, nlast: int) -> int:
         """The header does not sit in the first readable buffer: gather it."""
@@ -388,7 +407,7 @@ class BlockDevice(QueueTaskDevice):
             self._bad(qi, f"request header of {chain.readable_len} bytes, expected {HEADER.size}")
             last[nlast] = S_IOERR
             return 1
-        head = b"".join(bytes(v[:HEADER.size]) for v in r)[:HEADER.size]
+        head = _gather(r, HEADER.size)
         rtype, _, sector = HEADER.unpack(head)
         if rtype == T_OUT:
             return self._write(qi, _skip(r, HEADER.size), sector, sector << SECTOR_SHIFT,
@@ -472,7 +491,7 @@ class BlockDevice(QueueTaskDevice):
         if dlen <= 0 or dlen % SEGMENT.size or dlen // SEGMENT.size > max_seg:
             self._bad(qi, f"{name} with {dlen} bytes of segments (16-byte segments, at most {max_seg})")
             return S_IOERR
-        data = b"".join(bytes(v) for v in _skip(chain.readable, hdr))
+        data = _gather(_skip(chain.readable, hdr), dlen)  # dlen is bounded above
         segments = [SEGMENT.unpack_from(data, i) for i in range(0, dlen, SEGMENT.size)]
         for sector, count, flags in segments:
             if flags & ~SEG_FLAG_UNMAP or (rtype == T_DISCARD and flags & SEG_FLAG_UNMAP):
@@ -638,6 +657,50 @@ class _PooledQueue:
         self.queue.flush()
 
 
+class _Cursor:
+    """Walks guest views in order, copying one bounce chunk at a time to or
+    from them, so nothing is ever joined into a buffer of the request's size."""
+
+    __slots__ = ("bufs", "i", "pos")
+
+    def __init__(self, bufs: list) -> None:
+        self.bufs = bufs
+        self.i = 0
+        self.pos = 0
+
+    def copy(self, chunk: memoryview, to_guest: bool) -> None:
+        filled = 0
+        n = len(chunk)
+        bufs = self.bufs
+        while filled < n:
+            b = bufs[self.i]
+            pos = self.pos
+            take = min(len(b) - pos, n - filled)
+            if to_guest:
+                b[pos:pos + take] = chunk[filled:filled + take]
+            else:
+                chunk[filled:filled + take] = b[pos:pos + take]
+            filled += take
+            pos += take
+            if pos >= len(b):
+                self.i += 1
+                pos = 0
+            self.pos = pos
+
+
+def _gather(views: list, count: int) -> bytes:
+    """The first ``count`` bytes of ``views`` as one small bytes object (a
+    split header, discard segments): copies ``count`` bytes whatever the
+    number or size of the views."""
+    out = bytearray()
+    for v in views:
+        need = count - len(out)
+        if need <= 0:
+            break
+        out += v[:need]
+    return bytes(out)
+
+
 def _skip(views: list, count: int) -> list:
     """The views after their first ``count`` bytes."""
     out = []
@@ -706,6 +769,7 @@ class BlockBuilder(DeviceBuilder):
                 raise ConfigError(f"{name}: id={ident!r} is {len(disk_id)} bytes, at most {ID_BYTES}")
         if o.flag("packed-queue", False, "packed_queue"):
             raise ConfigError(f"{name}: packed-queue=true is not supported over vhost-user")
+        memory_limit = o.memory_limit()
         o.check_unknown()
 
         try:
@@ -727,9 +791,11 @@ class BlockBuilder(DeviceBuilder):
         except BaseException:
             os.close(fd)
             raise
-        return cls(name, path, fd, size, read_only=read_only, sparse=sparse, direct=direct,
-                   block_size=block_size, num_queues=num_queues, disk_id=disk_id,
-                   poll_max_ns=poll_us * 1000)
+        builder = cls(name, path, fd, size, read_only=read_only, sparse=sparse, direct=direct,
+                      block_size=block_size, num_queues=num_queues, disk_id=disk_id,
+                      poll_max_ns=poll_us * 1000)
+        builder.memory_limit = memory_limit
+        return builder
 
     def keep_fds(self) -> list[int]:
         return [self.fd] if self.fd >= 0 else []

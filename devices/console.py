@@ -352,6 +352,7 @@ class ConsoleBuilder(DeviceBuilder):
         unix_input = o.flag("input-unix-stream", False, "input_unix_stream")
         cols = o.integer("cols", 0, 0, 0xFFFF)
         rows = o.integer("rows", 0, 0, 0xFFFF)
+        memory_limit = o.memory_limit()
         o.check_unknown()
         if kind in ("file", "unix", "unix-stream") and not path:
             raise ConfigError(f"{name}: type={kind} needs path=")
@@ -398,9 +399,11 @@ class ConsoleBuilder(DeviceBuilder):
             elif use_stdin:
                 in_fd = os.dup(0)
                 opened.append(in_fd)
-            return cls(name, kind, out_fd=out_fd, in_fd=in_fd, sock=sock,
-                       sock_input=(kind == "unix" or unix_input), socket_path=socket_path,
-                       cols=cols, rows=rows)
+            builder = cls(name, kind, out_fd=out_fd, in_fd=in_fd, sock=sock,
+                          sock_input=(kind == "unix" or unix_input), socket_path=socket_path,
+                          cols=cols, rows=rows)
+            builder.memory_limit = memory_limit
+            return builder
         except BaseException:
             for fd in opened:
                 os.close(fd)

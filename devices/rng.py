@@ -71,8 +71,11 @@ class RngBuilder(DeviceBuilder):
     @classmethod
     def from_options(cls, name: str, options: dict[str, str]) -> "RngBuilder":
         o = Options(name, options, ignored=("vhost", "pci-address"))
+        memory_limit = o.memory_limit()
         o.check_unknown()
-        return cls(name)
+        builder = cls(name)
+        builder.memory_limit = memory_limit
+        return builder
 
     def build(self, ex: Executor) -> RngDevice:
         return RngDevice(ex, self.name)
