@@ -133,6 +133,7 @@ class BlockDevice(QueueTaskDevice):
         self._pooled: dict[int, _PooledQueue] = {}
         #: Per-thread bounce buffer (see ``_bounce_buffer``).
         self._bounce = threading.local()
+        self._bounce_failed = False
 
     # ---------------------------------------------------------------- virtio
 
@@ -232,7 +233,10 @@ class BlockDevice(QueueTaskDevice):
             n = 0        # completions since the last notification decision
             moved = 0    # bytes since the last publication
             while (chain := pop()) is not None:
-                written = handle(chain, qi)
+                try:
+                    written = handle(chain, qi)
+                except MemoryError:  # over memory-limit=: this request fails, not the queue
+                    written = self._over_budget(chain, qi)
                 if written < 0:
                     queue.mark_broken("block request without a status byte")
                     break
@@ -328,6 +332,26 @@ class BlockDevice(QueueTaskDevice):
 
     # ----------------------------------------------------------- rare paths
 
+    def _handle_or_ioerr(self, chain: Any, qi: int) -> int:
+        """``_handle`` for the I/O threads and the pooled queue (the inline
+        drain has the same ``try`` in its loop)."""
+        try:
+            return self._handle(chain, qi)
+        except MemoryError:
+            return self._over_budget(chain, qi)
+
+    def _over_budget(self, chain: Any, qi: int) -> int:
+        """An allocation failed (the device's ``memory-limit=``): IOERR for
+        this request; the queue and the device go on."""
+        log.warning("device=%s queue=%d out of memory (memory-limit) serving a request; IOERR",
+                    self.name, qi)
+        w = chain.writable
+        if not w:
+            return -1
+        last = w[-1]
+        last[len(last) - 1] = S_IOERR
+        return 1
+
     def _bad(self, qi: int, what: str) -> None:
         """Log a malformed request once per queue (a guest can send millions)."""
         if qi not in self._warned:
@@ -395,7 +419,10 @@ class BlockDevice(QueueTaskDevice):
             try:
                 buf = mmap.mmap(-1, BOUNCE_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
             except OSError as exc:
-                log.warning("device=%s cannot map a %d-byte bounce buffer: %s", self.name, BOUNCE_SIZE, exc)
+                if not self._bounce_failed:  # once: a guest can retry forever
+                    self._bounce_failed = True
+                    log.warning("device=%s cannot map a %d-byte bounce buffer (memory-limit?): %s; "
+                                "unaligned O_DIRECT requests fail with IOERR", self.name, BOUNCE_SIZE, exc)
                 return None
             view = self._bounce.view = memoryview(buf)
         return view
@@ -577,7 +604,7 @@ class _PooledQueue:
     async def serve(self) -> None:
         queue = self.queue
         pop = queue.pop
-        handle = self.dev._handle
+        handle = self.dev._handle_or_ioerr
         qi = self.qi
         while await queue.wait_kick():
             chain = pop()
@@ -600,11 +627,11 @@ class _PooledQueue:
     def _submit(self, chain: Any) -> None:
         pool = self.dev._pool()
         try:
-            fut = pool.submit(self.dev._handle, chain, self.qi)  # type: ignore[union-attr]
+            fut = pool.submit(self.dev._handle_or_ioerr, chain, self.qi)  # type: ignore[union-attr]
         except RuntimeError:  # no threads here (rlimit, policy): serve inline
             log.warning("device=%s queue=%d cannot start I/O threads; serving inline",
                         self.dev.name, self.qi)
-            self._complete(chain.head, self.dev._handle(chain, self.qi))
+            self._complete(chain.head, self.dev._handle_or_ioerr(chain, self.qi))
             return
         self.running[fut] = chain.head
         fut.add_done_callback(self._done_in_thread)

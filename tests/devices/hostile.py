@@ -24,6 +24,7 @@ from connection.frontend import DriverQueue, VhostUserFrontend
 from devices import BUILDERS
 from sandbox import JailConfig, JailedChild, spawn
 from sandbox.jail import POLICY_DIR
+from supervisor.logs import setup_child_logging
 
 MiB = 1 << 20
 BLK_HEADER = struct.Struct("<IIQ")
@@ -32,6 +33,7 @@ T_IN, T_OUT = 0, 1
 
 def _serve(builder, sock: socket.socket):
     def target() -> int:
+        setup_child_logging()   # as the supervisor's child: records to fd 2, not pytest's capture
         ex = Executor()
         try:
             VhostUserStream(sock).run_device(ex, builder)
@@ -41,14 +43,14 @@ def _serve(builder, sock: socket.socket):
     return target
 
 
-def start_jailed(kind: str, options: dict[str, str], name: str | None = None
+def start_jailed(kind: str, options: dict[str, str], name: str | None = None, log_fd: int = 2
                  ) -> tuple[JailedChild, VhostUserFrontend]:
     """The device ``kind`` in a real jail: its policy, and its memory budget
     (``memory-limit=``) as RLIMIT_DATA, as the supervisor starts it."""
     name = name or f"{kind}0"
     builder = BUILDERS[kind].from_options(name, options)
     mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    config = JailConfig(name=name, keep_fds=list(builder.keep_fds()) + [theirs.fileno()], log_fd=2,
+    config = JailConfig(name=name, keep_fds=list(builder.keep_fds()) + [theirs.fileno()], log_fd=log_fd,
                         seccomp_policy=os.path.join(POLICY_DIR, builder.seccomp_policy),
                         data_limit=builder.memory_limit)
     try:

@@ -11,6 +11,7 @@ import mmap
 import os
 import resource
 
+import psutil
 import pytest
 
 from devices.base import DEFAULT_MEMORY_LIMIT, ConfigError
@@ -179,3 +180,36 @@ def test_supervisor_applies_memory_limit(sock_dir):
         assert sup.terminate() == 0
     finally:
         sup.cleanup()
+
+
+def test_over_budget_fails_the_request_not_the_device(big_image, tmp_path):
+    """A device whose budget is spent (its RLIMIT_DATA lowered to what it
+    uses now + 512 KiB, from outside, as root) answers the request that needs
+    a bounce buffer with IOERR; the queue and the device go on serving."""
+    from connection.frontend import BlockDriver
+
+    log = open(tmp_path / "device.log", "w+")
+    child, fe = start_jailed("block", {"path": big_image, "direct": "true"}, log_fd=log.fileno())
+    try:
+        fe.negotiate()
+        fe.setup_memory(64 * MiB)
+        q = fe.setup_queue(0, 1024)
+        gpa, _view = q.alloc(MiB + 4096, 4096)
+        drv = BlockDriver(q, depth=1, max_io=64 << 10)
+        drv.write(0, b"a" * 4096)
+        pid = child.device_pid
+        spent = status_kib(pid, "VmData") * 1024 + 512 * 1024
+        psutil.Process(pid).rlimit(psutil.RLIMIT_DATA, (spent, spent))
+        head, status = aliased_block_request(q, T_OUT, 0, gpa + 1, MiB, 4)
+        q.kick()
+        wait_all(q, {head})
+        assert status[0] == 1, "an over-budget request must fail with IOERR"
+        assert not q.broken()
+        drv.write(0, b"b" * 4096)
+        assert drv.read(0, 4096) == b"b" * 4096
+    finally:
+        reason = stop_jailed(child, fe)
+        log.seek(0)
+        print(log.read())
+        log.close()
+    assert reason == "exited with status 0"
