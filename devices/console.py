@@ -29,6 +29,7 @@ from connection.executor import Executor, wait_readable
 from connection.protocol import ProtocolFeature, VirtioFeature
 from connection.unixsock import bind_unix_listener, unlink_if_same
 
+from . import safe_open
 from .base import ConfigError, DeviceBuilder, Options, QueueTaskDevice
 
 log = logging.getLogger("devices.console")
@@ -56,7 +57,35 @@ class Output:
         pass
 
 
+def write_views(fd: int, views: list[memoryview]) -> int:
+    """Write every byte of ``views`` to a blocking fd: ``writev`` on at most
+    IOV_MAX views at a time, a short write resumed where it stopped.  Nothing
+    is joined, so a chain of thousands of buffers that all alias one guest
+    page costs no memory.  Returns the bytes written."""
+    views = list(views)
+    written = 0
+    i = 0
+    while i < len(views):
+        n = os.writev(fd, views[i:i + IOV_MAX])
+        if n <= 0:
+            raise OSError(errno.EIO, "writev wrote nothing")
+        written += n
+        while n:
+            v = views[i]
+            if n >= len(v):
+                n -= len(v)
+                i += 1
+            else:
+                views[i] = v[n:]
+                n = 0
+        while i < len(views) and not len(views[i]):
+            i += 1
+    return written
+
+
 class FdOutput(Output):
+    """stdout (or any fd the supervisor does not size)."""
+
     def __init__(self, fd: int, name: str) -> None:
         self.fd = fd
         self.name = name
@@ -66,17 +95,97 @@ class FdOutput(Output):
         if self._failed or not views:
             return
         try:
-            total = sum(len(v) for v in views)
-            if len(views) > IOV_MAX:  # writev would refuse it (EINVAL)
-                views = [memoryview(b"".join(views))]
-            done = os.writev(self.fd, views)
-            if done < total:
-                data = b"".join(bytes(v) for v in views)
-                while done < total:
-                    done += os.write(self.fd, data[done:])
+            write_views(self.fd, views)
         except OSError as exc:
             self._failed = True
             log.warning("console output to %s failed: %s; further output dropped", self.name, exc)
+
+
+class FileOutput(Output):
+    """``type=file`` with a disk budget: the file never grows past
+    ``max_size``; when the next byte would not fit, it is rotated the way
+    logrotate's ``copytruncate`` does (``path.N-1`` copied over ``path.N``,
+    ..., ``path`` over ``path.1``, then ``path`` truncated), on fds the parent
+    opened.  The jailed child cannot open or rename anything, and needs
+    nothing but those fds and ``copy_file_range``/``ftruncate``; a guest
+    flood costs at most ``max_size * (keep + 1)`` bytes of disk.
+
+    ``fds[0]`` is ``path`` (opened O_APPEND), ``fds[k]`` is ``path.k``."""
+
+    def __init__(self, fds: list[int], name: str, max_size: int) -> None:
+        self.fds = fds
+        self.name = name
+        self.max_size = max_size
+        self.size = os.fstat(fds[0]).st_size
+        self.rotations = 0
+        self._failed = False
+
+    def write(self, views: list[memoryview]) -> None:
+        if self._failed or not views:
+            return
+        try:
+            batch: list[memoryview] = []
+            room = self.max_size - self.size
+            for v in views:
+                while len(v):
+                    if room <= 0:
+                        self._flush(batch)
+                        batch = []
+                        self._rotate()
+                        room = self.max_size - self.size
+                        continue
+                    if len(v) <= room:
+                        batch.append(v)
+                        room -= len(v)
+                        break
+                    batch.append(v[:room])
+                    v = v[room:]
+                    room = 0
+            self._flush(batch)
+        except OSError as exc:
+            self._failed = True
+            log.warning("console output to %s failed: %s; further output dropped", self.name, exc)
+
+    def _flush(self, batch: list[memoryview]) -> None:
+        if batch:
+            self.size += write_views(self.fds[0], batch)
+
+    def _rotate(self) -> None:
+        fds = self.fds
+        for k in range(len(fds) - 1, 0, -1):
+            _copy_tail(fds[k - 1], fds[k], self.max_size)
+        os.ftruncate(fds[0], 0)   # O_APPEND: the next write lands at 0
+        self.size = 0
+        self.rotations += 1
+        if self.rotations == 1:  # not once per rotation: the guest sets the pace
+            log.info("console output %s reached max-size=%d; rotating (keeping %d old files)",
+                     self.name, self.max_size, len(fds) - 1)
+
+
+def _copy_tail(src: int, dst: int, limit: int) -> None:
+    """Make ``dst`` a copy of the last ``limit`` bytes of ``src``, in the
+    kernel (copy_file_range), so a rotation costs no memory whatever the
+    file size; a file system without it gets bounded pread/pwrite."""
+    size = os.fstat(src).st_size
+    start = max(0, size - limit)
+    os.ftruncate(dst, 0)
+    off = start
+    try:
+        while off < size:
+            n = os.copy_file_range(src, dst, size - off, off, off - start)
+            if n <= 0:
+                break
+            off += n
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    while off < size:
+        chunk = os.pread(src, min(READ_CHUNK * 16, size - off), off)
+        if not chunk:
+            break
+        os.pwrite(dst, chunk, off - start)
+        off += len(chunk)
 
 
 class Input:
@@ -162,7 +271,10 @@ class SocketPort(Output, Input):
         if client is None or not views:
             return
         try:
-            client.sendmsg(views, [], socket.MSG_NOSIGNAL)
+            for i in range(0, len(views), IOV_MAX):  # sendmsg takes at most IOV_MAX
+                group = views[i:i + IOV_MAX]
+                if client.sendmsg(group, [], socket.MSG_NOSIGNAL) < sum(map(len, group)):
+                    raise BlockingIOError  # the client's buffer is full: drop the rest
         except (BlockingIOError, InterruptedError):
             if not self._dropped_logged:
                 self._dropped_logged = True
@@ -316,19 +428,30 @@ def _bind_unix(name: str, path: str) -> socket.socket:
     return sock
 
 
+#: ``type=file`` disk budget defaults: at most max-size x (keep + 1) bytes.
+DEFAULT_MAX_SIZE = 16 << 20
+DEFAULT_KEEP = 2
+MAX_KEEP = 9
+
+
 class ConsoleBuilder(DeviceBuilder):
-    """Opens the output and input ends in the parent."""
+    """Opens the output and input ends in the parent (paths through
+    ``safe_open``: never through another user's symbolic link)."""
 
     device_type: ClassVar[str] = "console"
     seccomp_policy: ClassVar[str] = "console.policy"
 
     def __init__(self, name: str, kind: str, *, out_fd: int = -1, in_fd: int = -1,
                  sock: socket.socket | None = None, sock_input: bool = False,
-                 socket_path: str | None = None, cols: int = 0, rows: int = 0) -> None:
+                 socket_path: str | None = None, cols: int = 0, rows: int = 0,
+                 rotate_fds: list[int] | None = None, max_size: int = DEFAULT_MAX_SIZE) -> None:
         self.name = name
         self.kind = kind
         self.out_fd = out_fd
         self.in_fd = in_fd
+        #: type=file: fds of path.1 .. path.keep, for rotation.
+        self.rotate_fds = list(rotate_fds or [])
+        self.max_size = max_size
         self.sock = sock
         self.sock_input = sock_input
         self.socket_path = socket_path
@@ -341,7 +464,8 @@ class ConsoleBuilder(DeviceBuilder):
 
     @classmethod
     def from_options(cls, name: str, options: dict[str, str]) -> "ConsoleBuilder":
-        """Keys: type (sink), path, input, stdin, input-unix-stream, cols, rows."""
+        """Keys: type (sink), path, input, stdin, input-unix-stream, cols, rows,
+        max-size (16M) and keep (2) for type=file, memory-limit."""
         o = Options(name, options, ignored=_IGNORED)
         kind = (o.text("type", "sink") or "sink").lower()
         if kind not in _TYPES:
@@ -352,12 +476,17 @@ class ConsoleBuilder(DeviceBuilder):
         unix_input = o.flag("input-unix-stream", False, "input_unix_stream")
         cols = o.integer("cols", 0, 0, 0xFFFF)
         rows = o.integer("rows", 0, 0, 0xFFFF)
+        rotation_given = "max-size" in o.raw or "max_size" in o.raw or "keep" in o.raw
+        max_size = o.size("max-size", DEFAULT_MAX_SIZE, 4096, 1 << 40, "max_size")
+        keep = o.integer("keep", DEFAULT_KEEP, 0, MAX_KEEP)
         memory_limit = o.memory_limit()
         o.check_unknown()
         if kind in ("file", "unix", "unix-stream") and not path:
             raise ConfigError(f"{name}: type={kind} needs path=")
         if kind in ("stdout", "sink") and path:
             raise ConfigError(f"{name}: path={path!r} given with type={kind}, which takes no path")
+        if rotation_given and kind != "file":
+            raise ConfigError(f"{name}: max-size=/keep= apply to type=file only, not type={kind}")
         if input_path and use_stdin:
             raise ConfigError(f"{name}: input={input_path!r} and stdin=true are mutually exclusive")
         if unix_input and kind != "unix-stream":
@@ -371,14 +500,15 @@ class ConsoleBuilder(DeviceBuilder):
         try:
             out_fd = -1
             in_fd = -1
+            rotate_fds: list[int] = []
             socket_path = None
             if kind == "file":
                 assert path is not None
-                try:
-                    out_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-                except OSError as exc:
-                    raise ConfigError(f"{name}: path={path!r}: cannot open for output: {exc.strerror}") from None
+                out_fd = _open_output(name, "path", path)
                 opened.append(out_fd)
+                for k in range(1, keep + 1):
+                    rotate_fds.append(_open_output(name, "path", f"{path}.{k}", append=False))
+                    opened.append(rotate_fds[-1])
             elif kind == "stdout":
                 out_fd = os.dup(1)
                 opened.append(out_fd)
@@ -388,11 +518,7 @@ class ConsoleBuilder(DeviceBuilder):
                 socket_path = path
             elif kind == "unix-stream":
                 assert path is not None
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    sock.connect(path)
-                except OSError as exc:
-                    raise ConfigError(f"{name}: path={path!r}: cannot connect: {exc.strerror or exc}") from None
+                sock = _connect(name, "path", path)
             if input_path:
                 in_fd = _open_input(name, input_path)
                 opened.append(in_fd)
@@ -401,7 +527,7 @@ class ConsoleBuilder(DeviceBuilder):
                 opened.append(in_fd)
             builder = cls(name, kind, out_fd=out_fd, in_fd=in_fd, sock=sock,
                           sock_input=(kind == "unix" or unix_input), socket_path=socket_path,
-                          cols=cols, rows=rows)
+                          cols=cols, rows=rows, rotate_fds=rotate_fds, max_size=max_size)
             builder.memory_limit = memory_limit
             return builder
         except BaseException:
@@ -417,7 +543,7 @@ class ConsoleBuilder(DeviceBuilder):
             raise
 
     def keep_fds(self) -> list[int]:
-        fds = [fd for fd in (self.out_fd, self.in_fd) if fd >= 0]
+        fds = [fd for fd in (self.out_fd, self.in_fd, *self.rotate_fds) if fd >= 0]
         if self.sock is not None and self.sock.fileno() >= 0:
             fds.append(self.sock.fileno())
         return fds
@@ -426,7 +552,10 @@ class ConsoleBuilder(DeviceBuilder):
         output: Output = Output()
         input_: Input = Input()
         if self.out_fd >= 0:
-            output = FdOutput(self.out_fd, self.kind)
+            if self.kind == "file":
+                output = FileOutput([self.out_fd, *self.rotate_fds], self.name, self.max_size)
+            else:
+                output = FdOutput(self.out_fd, self.kind)
         if self.sock is not None:
             listening = self.kind == "unix"
             port = SocketPort(ex.loop, self.sock if listening else None,
@@ -444,6 +573,9 @@ class ConsoleBuilder(DeviceBuilder):
             if fd >= 0:
                 setattr(self, attr, -1)
                 os.close(fd)
+        fds, self.rotate_fds = self.rotate_fds, []
+        for fd in fds:
+            os.close(fd)
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -455,24 +587,50 @@ class ConsoleBuilder(DeviceBuilder):
             self.socket_path = None
 
 
+def _open_output(name: str, key: str, path: str, append: bool = True) -> int:
+    try:
+        return safe_open.open_output(name, key, path, append=append)
+    except OSError as exc:
+        raise ConfigError(f"{name}: {key}={path!r}: cannot open for output: {exc.strerror or exc}") from None
+
+
+def _connect(name: str, key: str, path: str) -> socket.socket:
+    """Connect to the Unix socket at ``path`` (reached through safe_open)."""
+    try:
+        opath, _resolved = safe_open.open_path(name, key, path)
+    except OSError as exc:
+        raise ConfigError(f"{name}: {key}={path!r}: cannot connect: {exc.strerror or exc}") from None
+    try:
+        if not stat.S_ISSOCK(os.fstat(opath).st_mode):
+            raise ConfigError(f"{name}: {key}={path!r}: cannot connect: not a socket")
+        return safe_open.connect_unix(opath)
+    except OSError as exc:
+        raise ConfigError(f"{name}: {key}={path!r}: cannot connect: {exc.strerror or exc}") from None
+    finally:
+        os.close(opath)
+
+
 def _open_input(name: str, path: str) -> int:
     """A regular file is read to its end; a FIFO is opened read-write so it
     never reports end-of-file while its writers come and go; a socket path
-    is connected to."""
+    is connected to.  The path is reached through safe_open (no other
+    user's symbolic link) and the file opened through the resulting fd."""
     try:
-        st = os.stat(path)
-        if stat.S_ISSOCK(st.st_mode):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(path)
-            except OSError:
-                s.close()
-                raise
-            return s.detach()
-        if stat.S_ISFIFO(st.st_mode):
-            return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        opath, _resolved = safe_open.open_path(name, "input", path)
+    except FileNotFoundError:
+        raise ConfigError(f"{name}: input={path!r} does not exist") from None
     except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            raise ConfigError(f"{name}: input={path!r} does not exist") from None
         raise ConfigError(f"{name}: input={path!r}: cannot open: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(opath).st_mode
+        if stat.S_ISSOCK(mode):
+            return safe_open.connect_unix(opath).detach()
+        if stat.S_ISFIFO(mode):
+            return safe_open.reopen(opath, os.O_RDWR | os.O_NONBLOCK)
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"{name}: input={path!r} is a directory")
+        return safe_open.reopen(opath, os.O_RDONLY | os.O_NOCTTY)
+    except OSError as exc:
+        raise ConfigError(f"{name}: input={path!r}: cannot open: {exc.strerror or exc}") from None
+    finally:
+        os.close(opath)
