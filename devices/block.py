@@ -800,16 +800,18 @@ class BlockBuilder(DeviceBuilder):
         o.check_unknown()
 
         try:
-            fd = diskfile.open_image(path, read_only=read_only, direct=direct)
+            fd, resolved = diskfile.open_image(name, path, read_only=read_only, direct=direct)
         except OSError as exc:
             if direct and exc.errno == errno.EINVAL:
                 raise ConfigError(f"{name}: direct=true: {path} does not support O_DIRECT") from None
             raise ConfigError(f"{name}: path={path!r}: cannot open "
                               f"{'read-only' if read_only else 'read-write'}: {exc.strerror}") from None
+        log.info("device=%s path=%r resolved to %s (opened once; later changes to the path are not followed)",
+                 name, path, resolved)
         try:
             if lock:
                 try:
-                    diskfile.lock_image(fd, path, writable=not read_only)
+                    diskfile.lock_image(fd, resolved, writable=not read_only)
                 except diskfile.LockError as exc:
                     raise ConfigError(f"{name}: lock=true: {exc.strerror}") from None
             size = diskfile.file_size(fd)
@@ -818,7 +820,7 @@ class BlockBuilder(DeviceBuilder):
         except BaseException:
             os.close(fd)
             raise
-        builder = cls(name, path, fd, size, read_only=read_only, sparse=sparse, direct=direct,
+        builder = cls(name, resolved, fd, size, read_only=read_only, sparse=sparse, direct=direct,
                       block_size=block_size, num_queues=num_queues, disk_id=disk_id,
                       poll_max_ns=poll_us * 1000)
         builder.memory_limit = memory_limit

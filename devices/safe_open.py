@@ -116,6 +116,13 @@ def _walk(path: str, follow_last: bool) -> tuple[int, str, str]:
             os.close(dirfd)
 
 
+def _is_link(dirfd: int, name: str) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+
+
 def _refuse(device: str, key: str, path: str, why: str) -> ConfigError:
     return ConfigError(f"{device}: {key}={path!r} refused: {why}")
 
@@ -169,11 +176,16 @@ def open_output(device: str, key: str, path: str, *, append: bool = True, mode: 
     if append:
         flags |= os.O_APPEND
     try:
-        fd = os.open(name, flags, mode, dir_fd=dirfd)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:  # the last component is a symbolic link
-            raise _refuse(device, key, path, f"{resolved} is a symbolic link") from None
-        raise
+        if _is_link(dirfd, name):
+            raise _refuse(device, key, path, f"{resolved} is a symbolic link")
+        try:
+            fd = os.open(name, flags, mode, dir_fd=dirfd)
+        except OSError as exc:
+            # A link planted since: ELOOP (O_NOFOLLOW), or EACCES (O_CREAT on
+            # a link in a sticky directory).
+            if exc.errno in (errno.ELOOP, errno.EACCES) and _is_link(dirfd, name):
+                raise _refuse(device, key, path, f"{resolved} is a symbolic link") from None
+            raise
     finally:
         os.close(dirfd)
     try:
