@@ -28,6 +28,15 @@ def planned_limits(config: JailConfig) -> dict[int, int]:
     return limits
 
 
+def forwarder_limits(limits: dict[int, int]) -> dict[int, int]:
+    """The forwarder's: the device's, but 16 fds and no memory budget (it
+    runs no device code, and a budget smaller than the heap it inherited from
+    the supervisor could fail its signal forwarding)."""
+    out = {k: v for k, v in limits.items() if k not in (resource.RLIMIT_NOFILE, resource.RLIMIT_DATA)}
+    out[resource.RLIMIT_NOFILE] = 16
+    return out
+
+
 def apply_limits(limits: dict[int, int]) -> None:
     for which, value in limits.items():
         try:

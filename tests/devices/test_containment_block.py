@@ -80,6 +80,7 @@ def test_memory_limit_is_the_jailed_childs_rlimit_data(tmp_path, kind, options):
     child, fe = start_jailed(kind, options)
     try:
         assert data_limit(child.device_pid) == DEFAULT_MEMORY_LIMIT
+        assert data_limit(child.pid) is None, "the forwarder runs no device code: no budget"
     finally:
         stop_jailed(child, fe)
     child, fe = start_jailed(kind, dict(options, **{"memory-limit": "96M"}))
