@@ -134,6 +134,7 @@ class BlockDevice(QueueTaskDevice):
         #: Per-thread bounce buffer (see ``_bounce_buffer``).
         self._bounce = threading.local()
         self._bounce_failed = False
+        self._oom_logged = False
 
     # ---------------------------------------------------------------- virtio
 
@@ -343,8 +344,10 @@ class BlockDevice(QueueTaskDevice):
     def _over_budget(self, chain: Any, qi: int) -> int:
         """An allocation failed (the device's ``memory-limit=``): IOERR for
         this request; the queue and the device go on."""
-        log.warning("device=%s queue=%d out of memory (memory-limit) serving a request; IOERR",
-                    self.name, qi)
+        if not self._oom_logged:  # once: a guest near the budget could repeat it forever
+            self._oom_logged = True
+            log.warning("device=%s queue=%d out of memory (memory-limit=) serving a request; "
+                        "it and any later one that runs out get IOERR", self.name, qi)
         w = chain.writable
         if not w:
             return -1
