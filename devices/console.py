@@ -616,7 +616,7 @@ def _open_input(name: str, path: str) -> int:
     is connected to.  The path is reached through safe_open (no other
     user's symbolic link) and the file opened through the resulting fd."""
     try:
-        opath, _resolved = safe_open.open_path(name, "input", path)
+        opath, resolved = safe_open.open_path(name, "input", path)
     except FileNotFoundError:
         raise ConfigError(f"{name}: input={path!r} does not exist") from None
     except OSError as exc:
@@ -629,6 +629,11 @@ def _open_input(name: str, path: str) -> int:
             return safe_open.reopen(opath, os.O_RDWR | os.O_NONBLOCK)
         if stat.S_ISDIR(mode):
             raise ConfigError(f"{name}: input={path!r} is a directory")
+        if stat.S_ISREG(mode) and os.fstat(opath).st_nlink != 1:
+            # A second name for someone else's file (where the kernel's
+            # protected_hardlinks is off) would hand its contents to the guest.
+            raise ConfigError(f"{name}: input={path!r} refused: {resolved} has "
+                              f"{os.fstat(opath).st_nlink} hard links")
         return safe_open.reopen(opath, os.O_RDONLY | os.O_NOCTTY)
     except OSError as exc:
         raise ConfigError(f"{name}: input={path!r}: cannot open: {exc.strerror or exc}") from None

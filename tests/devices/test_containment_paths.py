@@ -132,6 +132,13 @@ def test_console_input_symlink_refused(shared_dir, precious):
     assert msg.startswith("con0: input=") and repr(link) in msg and f"owned by uid {ATTACKER}" in msg, msg
 
 
+def test_console_input_hard_link_refused(shared_dir, precious):
+    path = os.path.join(shared_dir, "input")
+    os.link(precious, path)      # what an attacker could do where protected_hardlinks is off
+    with pytest.raises(ConfigError, match=r"con0: input='.*' refused: .* has 2 hard links"):
+        ConsoleBuilder.from_options("con0", {"type": "sink", "input": path})
+
+
 def test_block_image_symlink_refused(shared_dir, precious):
     link = os.path.join(shared_dir, "disk.img")
     plant(link, precious)
