@@ -176,3 +176,22 @@ def test_output_created_in_shared_dir_is_roots(shared_dir):
             assert st.st_uid == 0 and st.st_nlink == 1 and (st.st_mode & 0o777) & 0o002 == 0
     finally:
         b.close()
+
+
+def test_supervisor_config_error_names_device_key_path(shared_dir, precious):
+    """Through the supervisor's config loading: the planted link stops the
+    start-up with a ConfigError naming the device, the key and the path,
+    and no fd is left open."""
+    from supervisor.config import ConfigError as SupervisorConfigError
+    from supervisor.config import build_config, open_builders
+
+    link = os.path.join(shared_dir, "serial.log")
+    plant(link, precious)
+    cfg = build_config(ordered_flags=[("serial", f"vhost={shared_dir}/c.sock,type=file,path={link},name=con0")],
+                       control_socket=f"{shared_dir}/ctl.sock")
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(SupervisorConfigError) as err:
+        open_builders(cfg)
+    msg = str(err.value)
+    assert err.value.device == "con0" and f"path={link!r} refused" in msg and "symbolic link" in msg, msg
+    assert set(os.listdir("/proc/self/fd")) == before
