@@ -62,7 +62,7 @@ def write_views(fd: int, views: list[memoryview]) -> int:
     IOV_MAX views at a time, a short write resumed where it stopped.  Nothing
     is joined, so a chain of thousands of buffers that all alias one guest
     page costs no memory.  Returns the bytes written."""
-    views = list(views)
+    views = [v for v in views if len(v)]
     written = 0
     i = 0
     while i < len(views):
@@ -78,8 +78,6 @@ def write_views(fd: int, views: list[memoryview]) -> int:
             else:
                 views[i] = v[n:]
                 n = 0
-        while i < len(views) and not len(views[i]):
-            i += 1
     return written
 
 

@@ -128,3 +128,26 @@ def test_rotation_options(tmp_path):
         assert os.path.exists(f"{out}.1") and not os.path.exists(f"{out}.2")
     finally:
         b.close()
+
+
+def test_oversized_old_file_rotates_within_budget(tmp_path):
+    """A file an earlier run left larger than max-size is rotated on the
+    first write, and only its last max-size bytes are kept in path.1."""
+    out = tmp_path / "c.log"
+    old = b"".join(b"%07d\n" % i for i in range(40_000))      # 320,000 bytes
+    out.write_bytes(old)
+    child, fe = start_jailed("console", {"type": "file", "path": str(out), "max-size": "64K", "keep": "1"})
+    try:
+        fe.negotiate()
+        fe.setup_memory(4 * MiB)
+        fe.setup_queue(0, 64)
+        tx = fe.setup_queue(1, 64)
+        gpa, view = tx.alloc(100, 64)
+        view[:] = b"n" * 100
+        head = tx.submit([(gpa, 100)], [])
+        tx.kick()
+        wait_all(tx, {head})
+    finally:
+        stop_jailed(child, fe)
+    assert out.read_bytes() == b"n" * 100
+    assert (tmp_path / "c.log.1").read_bytes() == old[-(64 << 10):]
