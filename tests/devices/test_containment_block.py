@@ -197,8 +197,8 @@ def test_supervisor_applies_memory_limit(sock_dir):
 
 
 def test_over_budget_fails_the_request_not_the_device(big_image, tmp_path):
-    """A device whose budget is spent (its soft RLIMIT_DATA lowered to what
-    it uses now + 512 KiB, from outside, as root) answers the request that needs
+    """A device whose budget is spent (its soft RLIMIT_DATA lowered below
+    what it uses now, from outside, as root) answers the request that needs
     a bounce buffer with IOERR; the queue and the device go on serving (once
     the budget is back: what else would need memory at that moment is
     luck)."""
@@ -214,7 +214,9 @@ def test_over_budget_fails_the_request_not_the_device(big_image, tmp_path):
         drv = BlockDriver(q, depth=1, max_io=64 << 10)
         drv.write(0, b"a" * 4096)
         pid = child.device_pid
-        spent = status_kib(pid, "VmData") * 1024 + 512 * 1024
+        # 1 MiB below what it uses now: only a free of more than 2 MiB in
+        # between would leave room for a 1 MiB bounce buffer.
+        spent = status_kib(pid, "VmData") * 1024 - MiB
         # Only the soft limit: raising a hard one back needs CAP_SYS_RESOURCE.
         psutil.Process(pid).rlimit(psutil.RLIMIT_DATA, (spent, DEFAULT_MEMORY_LIMIT))
         head, status = aliased_block_request(q, T_OUT, 0, gpa + 1, MiB, 4)
