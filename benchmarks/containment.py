@@ -1,7 +1,7 @@
 """Containment benchmarks, the supervisor's part: what a hostile child, a
 hostile front-end or a local user with many sockets costs the supervisor.
 
-Run: ``python -m benchmarks.containment [--seconds N] [--code DIR] [--out FILE]``
+Run: ``python -m benchmarks.containment [--part all|supervisor|devices] [--seconds N] [--code DIR] [--out FILE]``
 (root, for the jail).  ``--code`` runs the supervisor from another checkout
 (e.g. the commit before the containment work) for a before/after figure.
 
@@ -41,6 +41,7 @@ from typing import Any, Callable
 import psutil
 
 from supervisor.control import request
+from benchmarks import containment_devices
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -259,7 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sockets", type=int, default=50000)
     ap.add_argument("--code", default=REPO, help="checkout whose supervisor is measured")
     ap.add_argument("--out")
+    ap.add_argument("--part", choices=("all", "supervisor", "devices"), default="all",
+                    help="the supervisor's sections, the devices' (benchmarks/containment_devices.py), or both")
     a = ap.parse_args(argv)
+    if a.part == "devices":
+        return containment_devices.main([])
     code = os.path.abspath(a.code)
     lines = [f"# containment, supervisor part ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
              f"{os.cpu_count()} CPUs, {os.uname().release}, code {code})", "",
@@ -291,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.out:
         with open(a.out, "w") as fh:
             fh.write(text + "\n")
+    if a.part == "all":
+        print("\n# containment, device part")
+        return containment_devices.main([])
     return 0
 
 

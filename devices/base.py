@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from connection.device import VhostUserDevice, VhostUserDeviceBuilder
 from connection.executor import Executor
+from .devtype import DEFAULT_MEMORY_LIMIT
 
 if TYPE_CHECKING:
     from .devtype import DeviceType
@@ -37,6 +38,9 @@ class DeviceBuilder(VhostUserDeviceBuilder):
     declaration: ClassVar[DeviceType]
     device_type: ClassVar[str]
     seccomp_policy: ClassVar[str]
+    #: Bytes of the child's own heap (``memory-limit=``), applied as
+    #: RLIMIT_DATA in its jail; guest RAM (shared memory) is not part of it.
+    memory_limit: int = DEFAULT_MEMORY_LIMIT
 
     @classmethod
     def from_options(cls, name: str, options: dict[str, str]) -> "DeviceBuilder":

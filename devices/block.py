@@ -24,6 +24,7 @@ import logging
 import mmap
 import os
 import struct
+import threading
 from typing import Any, NamedTuple
 
 from connection.executor import Executor
@@ -60,6 +61,9 @@ DISCARD_SEGMENTS_BOUND = 256
 MAX_BATCH = 64
 #: I/O threads per device with direct=true.
 DIRECT_IO_THREADS = 8
+#: Bounce buffer per serving thread for O_DIRECT requests whose guest
+#: buffers are not aligned: a request moves through it in chunks.
+BOUNCE_SIZE = 1 << 20
 #: Bytes moved before the used index is published (without a notification)
 #: even if more requests wait.
 FLUSH_BYTES = 64 << 10
@@ -136,7 +140,7 @@ def _parse_split_header(chain: Any, last: memoryview, nlast: int) -> BlockReques
     n = chain.readable_len
     if n < _HEADER_SIZE:
         return BlockRequest(T_SHORT_HEADER, 0, [], n, status)
-    rtype, _, sector = HEADER.unpack(b"".join(bytes(v[:_HEADER_SIZE]) for v in r)[:_HEADER_SIZE])
+    rtype, _, sector = HEADER.unpack(_gather(r, _HEADER_SIZE))
     if rtype == T_IN or rtype == T_GET_ID:
         data = chain.writable[:-1]
         if nlast:
@@ -179,6 +183,10 @@ class BlockDevice(QueueTaskDevice):
                            else (DIRECT_IO_THREADS if direct else 0))
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._pooled: dict[int, _PooledQueue] = {}
+        #: Per-thread bounce buffer (see ``_bounce_buffer``).
+        self._bounce = threading.local()
+        self._bounce_failed = False
+        self._oom_logged = False
 
     # ---------------------------------------------------------------- virtio
 
@@ -280,7 +288,10 @@ class BlockDevice(QueueTaskDevice):
             n = 0        # completions since the last notification decision
             moved = 0    # bytes since the last publication
             while (chain := pop()) is not None:
-                written = handle(chain, qi)
+                try:
+                    written = handle(chain, qi)
+                except MemoryError:  # over memory-limit=: this request fails, not the queue
+                    written = self._over_budget(chain, qi)
                 if written < 0:
                     queue.mark_broken("block request without a status byte")
                     break
@@ -350,6 +361,28 @@ class BlockDevice(QueueTaskDevice):
 
     # ----------------------------------------------------------- rare paths
 
+    def _handle_or_ioerr(self, chain: Any, qi: int) -> int:
+        """``_handle`` for the I/O threads and the pooled queue (the inline
+        drain has the same ``try`` in its loop)."""
+        try:
+            return self._handle(chain, qi)
+        except MemoryError:
+            return self._over_budget(chain, qi)
+
+    def _over_budget(self, chain: Any, qi: int) -> int:
+        """An allocation failed (the device's ``memory-limit=``): IOERR for
+        this request; the queue and the device go on."""
+        if not self._oom_logged:  # once: a guest near the budget could repeat it forever
+            self._oom_logged = True
+            log.warning("device=%s queue=%d out of memory (memory-limit=) serving a request; "
+                        "it and any later one that runs out get IOERR", self.name, qi)
+        w = chain.writable
+        if not w:
+            return -1
+        last = w[-1]
+        last[len(last) - 1] = S_IOERR
+        return 1
+
     def _bad(self, qi: int, what: str) -> None:
         """Log a malformed request once per queue (a guest can send millions)."""
         if qi not in self._warned:
@@ -376,38 +409,54 @@ class BlockDevice(QueueTaskDevice):
 
     def _direct_retry(self, exc: OSError, read: bool, bufs: list, offset: int, total: int) -> bool:
         """O_DIRECT refuses guest buffers that are not aligned for the host
-        device: go through an aligned bounce buffer.  True if it worked."""
+        device: go through an aligned bounce buffer.  True if it worked.
+
+        The bounce is ``BOUNCE_SIZE`` bytes per serving thread, reused, and
+        the request moves through it a chunk at a time: a chain that lists
+        one guest buffer a thousand times costs the device one chunk, not
+        the request's length (its size is never the guest's to choose)."""
         if not (self.direct and exc.errno == errno.EINVAL and total):
             return False
-        try:
-            bounce = mmap.mmap(-1, (total + mmap.PAGESIZE - 1) & ~(mmap.PAGESIZE - 1))
-        except OSError:
+        bounce = self._bounce_buffer()
+        if bounce is None:
             return False
         try:
-            view = memoryview(bounce)
-            try:
-                data = view[:total]
-                pos = 0
-                if read:
-                    self._finish(os.preadv, [data], offset, 0, total)
-                    for b in bufs:
-                        n = len(b)
-                        b[:] = data[pos:pos + n]
-                        pos += n
-                else:
-                    for b in bufs:
-                        n = len(b)
-                        data[pos:pos + n] = b
-                        pos += n
-                    self._finish(os.pwritev, [data], offset, 0, total)
-                data.release()
-            finally:
-                view.release()
+            done = 0
+            pieces = _Cursor(bufs)
+            while done < total:
+                n = min(BOUNCE_SIZE, total - done)
+                chunk = bounce[:n]
+                try:
+                    if read:
+                        self._finish(os.preadv, [chunk], offset + done, 0, n)
+                        pieces.copy(chunk, to_guest=True)
+                    else:
+                        pieces.copy(chunk, to_guest=False)
+                        self._finish(os.pwritev, [chunk], offset + done, 0, n)
+                finally:
+                    chunk.release()
+                done += n
         except OSError:
             return False
-        finally:
-            bounce.close()
         return True
+
+    def _bounce_buffer(self) -> memoryview | None:
+        """This thread's page-aligned bounce buffer (made on first use; the
+        loop thread and each I/O thread have one, so at most
+        ``1 + io_threads`` exist).  Private anonymous memory, so it counts
+        against the device's RLIMIT_DATA: None if over budget."""
+        view = getattr(self._bounce, "view", None)
+        if view is None:
+            try:
+                buf = mmap.mmap(-1, BOUNCE_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            except OSError as exc:
+                if not self._bounce_failed:  # once: a guest can retry forever
+                    self._bounce_failed = True
+                    log.warning("device=%s cannot map a %d-byte bounce buffer (memory-limit?): %s; "
+                                "unaligned O_DIRECT requests fail with IOERR", self.name, BOUNCE_SIZE, exc)
+                return None
+            view = self._bounce.view = memoryview(buf)
+        return view
 
     def _other(self, qi: int, req: BlockRequest) -> int:
         """Everything but IN and OUT."""
@@ -469,7 +518,7 @@ class BlockDevice(QueueTaskDevice):
             # does not support (QEMU answers UNSUPP too), not a failed one.
             self._bad(qi, f"{name} with {dlen // SEGMENT.size} segments, at most {self.discard_segments}")
             return S_UNSUPP
-        raw = b"".join(bytes(v) for v in data)
+        raw = _gather(data, dlen)  # dlen is bounded above
         segments = [SEGMENT.unpack_from(raw, i) for i in range(0, dlen, SEGMENT.size)]
         for sector, count, flags in segments:
             if flags & ~SEG_FLAG_UNMAP or (rtype == T_DISCARD and flags & SEG_FLAG_UNMAP):
@@ -555,7 +604,7 @@ class _PooledQueue:
     async def serve(self) -> None:
         queue = self.queue
         pop = queue.pop
-        handle = self.dev._handle
+        handle = self.dev._handle_or_ioerr
         qi = self.qi
         while await queue.wait_kick():
             chain = pop()
@@ -578,11 +627,11 @@ class _PooledQueue:
     def _submit(self, chain: Any) -> None:
         pool = self.dev._pool()
         try:
-            fut = pool.submit(self.dev._handle, chain, self.qi)  # type: ignore[union-attr]
+            fut = pool.submit(self.dev._handle_or_ioerr, chain, self.qi)  # type: ignore[union-attr]
         except RuntimeError:  # no threads here (rlimit, policy): serve inline
             log.warning("device=%s queue=%d cannot start I/O threads; serving inline",
                         self.dev.name, self.qi)
-            self._complete(chain.head, self.dev._handle(chain, self.qi))
+            self._complete(chain.head, self.dev._handle_or_ioerr(chain, self.qi))
             return
         self.running[fut] = chain.head
         fut.add_done_callback(self._done_in_thread)
@@ -635,6 +684,50 @@ class _PooledQueue:
         self.queue.flush()
 
 
+class _Cursor:
+    """Walks guest views in order, copying one bounce chunk at a time to or
+    from them, so nothing is ever joined into a buffer of the request's size."""
+
+    __slots__ = ("bufs", "i", "pos")
+
+    def __init__(self, bufs: list) -> None:
+        self.bufs = bufs
+        self.i = 0
+        self.pos = 0
+
+    def copy(self, chunk: memoryview, to_guest: bool) -> None:
+        filled = 0
+        n = len(chunk)
+        bufs = self.bufs
+        while filled < n:
+            b = bufs[self.i]
+            pos = self.pos
+            take = min(len(b) - pos, n - filled)
+            if to_guest:
+                b[pos:pos + take] = chunk[filled:filled + take]
+            else:
+                chunk[filled:filled + take] = b[pos:pos + take]
+            filled += take
+            pos += take
+            if pos >= len(b):
+                self.i += 1
+                pos = 0
+            self.pos = pos
+
+
+def _gather(views: list, count: int) -> bytes:
+    """The first ``count`` bytes of ``views`` as one small bytes object (a
+    split header, discard segments): copies ``count`` bytes whatever the
+    number or size of the views."""
+    out = bytearray()
+    for v in views:
+        need = count - len(out)
+        if need <= 0:
+            break
+        out += v[:need]
+    return bytes(out)
+
+
 def _skip(views: list, count: int) -> list:
     """The views after their first ``count`` bytes."""
     out = []
@@ -680,16 +773,18 @@ class BlockBuilder(DeviceBuilder):
         block_size: int = o["block-size"]
         disk_id = None if o["id"] is None else o["id"].encode()
         try:
-            fd = diskfile.open_image(path, read_only=read_only, direct=direct)
+            fd, resolved = diskfile.open_image(name, path, read_only=read_only, direct=direct)
         except OSError as exc:
             if direct and exc.errno == errno.EINVAL:
                 raise ConfigError(f"{path} does not support O_DIRECT", "direct", name, "true") from None
             raise ConfigError(f"cannot open {'read-only' if read_only else 'read-write'}: {exc.strerror}",
                               "path", name, path) from None
+        log.info("device=%s path=%r resolved to %s (opened once; later changes to the path are not followed)",
+                 name, path, resolved)
         try:
             if o["lock"]:
                 try:
-                    diskfile.lock_image(fd, path, writable=not read_only)
+                    diskfile.lock_image(fd, resolved, writable=not read_only)
                 except diskfile.LockError as exc:
                     raise ConfigError(str(exc.strerror), "lock", name, "true") from None
             size = diskfile.file_size(fd)
@@ -699,9 +794,11 @@ class BlockBuilder(DeviceBuilder):
         except BaseException:
             os.close(fd)
             raise
-        return cls(name, path, fd, size, read_only=read_only, sparse=o["sparse"], direct=direct,
-                   block_size=block_size, num_queues=o["num-queues"], disk_id=disk_id,
-                   poll_max_ns=o["poll-us"] * 1000, discard_segments=o["max-discard-segments"])
+        builder = cls(name, resolved, fd, size, read_only=read_only, sparse=o["sparse"], direct=direct,
+                      block_size=block_size, num_queues=o["num-queues"], disk_id=disk_id,
+                      poll_max_ns=o["poll-us"] * 1000, discard_segments=o["max-discard-segments"])
+        builder.memory_limit = o["memory-limit"]
+        return builder
 
     def keep_fds(self) -> list[int]:
         return [self.fd] if self.fd >= 0 else []

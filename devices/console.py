@@ -29,6 +29,7 @@ from connection.executor import Executor, wait_readable
 from connection.protocol import ProtocolFeature, VirtioFeature
 from connection.unixsock import bind_unix_listener, unlink_if_same
 
+from . import safe_open
 from .base import DeviceBuilder, QueueTaskDevice
 from .devtype import DeviceType
 from .options import ConfigError, Option
@@ -58,7 +59,33 @@ class Output:
         pass
 
 
+def write_views(fd: int, views: list[memoryview]) -> int:
+    """Write every byte of ``views`` to a blocking fd: ``writev`` on at most
+    IOV_MAX views at a time, a short write resumed where it stopped.  Nothing
+    is joined, so a chain of thousands of buffers that all alias one guest
+    page costs no memory.  Returns the bytes written."""
+    views = [v for v in views if len(v)]
+    written = 0
+    i = 0
+    while i < len(views):
+        n = os.writev(fd, views[i:i + IOV_MAX])
+        if n <= 0:
+            raise OSError(errno.EIO, "writev wrote nothing")
+        written += n
+        while n:
+            v = views[i]
+            if n >= len(v):
+                n -= len(v)
+                i += 1
+            else:
+                views[i] = v[n:]
+                n = 0
+    return written
+
+
 class FdOutput(Output):
+    """stdout (or any fd the supervisor does not size)."""
+
     def __init__(self, fd: int, name: str) -> None:
         self.fd = fd
         self.name = name
@@ -68,17 +95,97 @@ class FdOutput(Output):
         if self._failed or not views:
             return
         try:
-            total = sum(len(v) for v in views)
-            if len(views) > IOV_MAX:  # writev would refuse it (EINVAL)
-                views = [memoryview(b"".join(views))]
-            done = os.writev(self.fd, views)
-            if done < total:
-                data = b"".join(bytes(v) for v in views)
-                while done < total:
-                    done += os.write(self.fd, data[done:])
+            write_views(self.fd, views)
         except OSError as exc:
             self._failed = True
             log.warning("console output to %s failed: %s; further output dropped", self.name, exc)
+
+
+class FileOutput(Output):
+    """``type=file`` with a disk budget: the file never grows past
+    ``max_size``; when the next byte would not fit, it is rotated the way
+    logrotate's ``copytruncate`` does (``path.N-1`` copied over ``path.N``,
+    ..., ``path`` over ``path.1``, then ``path`` truncated), on fds the parent
+    opened.  The jailed child cannot open or rename anything, and needs
+    nothing but those fds and ``copy_file_range``/``ftruncate``; a guest
+    flood costs at most ``max_size * (keep + 1)`` bytes of disk.
+
+    ``fds[0]`` is ``path`` (opened O_APPEND), ``fds[k]`` is ``path.k``."""
+
+    def __init__(self, fds: list[int], name: str, max_size: int) -> None:
+        self.fds = fds
+        self.name = name
+        self.max_size = max_size
+        self.size = os.fstat(fds[0]).st_size
+        self.rotations = 0
+        self._failed = False
+
+    def write(self, views: list[memoryview]) -> None:
+        if self._failed or not views:
+            return
+        try:
+            batch: list[memoryview] = []
+            room = self.max_size - self.size
+            for v in views:
+                while len(v):
+                    if room <= 0:
+                        self._flush(batch)
+                        batch = []
+                        self._rotate()
+                        room = self.max_size - self.size
+                        continue
+                    if len(v) <= room:
+                        batch.append(v)
+                        room -= len(v)
+                        break
+                    batch.append(v[:room])
+                    v = v[room:]
+                    room = 0
+            self._flush(batch)
+        except OSError as exc:
+            self._failed = True
+            log.warning("console output to %s failed: %s; further output dropped", self.name, exc)
+
+    def _flush(self, batch: list[memoryview]) -> None:
+        if batch:
+            self.size += write_views(self.fds[0], batch)
+
+    def _rotate(self) -> None:
+        fds = self.fds
+        for k in range(len(fds) - 1, 0, -1):
+            _copy_tail(fds[k - 1], fds[k], self.max_size)
+        os.ftruncate(fds[0], 0)   # O_APPEND: the next write lands at 0
+        self.size = 0
+        self.rotations += 1
+        if self.rotations == 1:  # not once per rotation: the guest sets the pace
+            log.info("console output %s reached max-size=%d; rotating (keeping %d old files)",
+                     self.name, self.max_size, len(fds) - 1)
+
+
+def _copy_tail(src: int, dst: int, limit: int) -> None:
+    """Make ``dst`` a copy of the last ``limit`` bytes of ``src``, in the
+    kernel (copy_file_range), so a rotation costs no memory whatever the
+    file size; a file system without it gets bounded pread/pwrite."""
+    size = os.fstat(src).st_size
+    start = max(0, size - limit)
+    os.ftruncate(dst, 0)
+    off = start
+    try:
+        while off < size:
+            n = os.copy_file_range(src, dst, size - off, off, off - start)
+            if n <= 0:
+                break
+            off += n
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    while off < size:
+        chunk = os.pread(src, min(READ_CHUNK * 16, size - off), off)
+        if not chunk:
+            break
+        os.pwrite(dst, chunk, off - start)
+        off += len(chunk)
 
 
 class Input:
@@ -164,7 +271,10 @@ class SocketPort(Output, Input):
         if client is None or not views:
             return
         try:
-            client.sendmsg(views, [], socket.MSG_NOSIGNAL)
+            for i in range(0, len(views), IOV_MAX):  # sendmsg takes at most IOV_MAX
+                group = views[i:i + IOV_MAX]
+                if client.sendmsg(group, [], socket.MSG_NOSIGNAL) < sum(map(len, group)):
+                    raise BlockingIOError  # the client's buffer is full: drop the rest
         except (BlockingIOError, InterruptedError):
             if not self._dropped_logged:
                 self._dropped_logged = True
@@ -313,16 +423,27 @@ def _bind_unix(name: str, path: str) -> socket.socket:
     return sock
 
 
+#: ``type=file`` disk budget defaults: at most max-size x (keep + 1) bytes.
+DEFAULT_MAX_SIZE = 16 << 20
+DEFAULT_KEEP = 2
+MAX_KEEP = 9
+
+
 class ConsoleBuilder(DeviceBuilder):
-    """Opens the output and input ends in the parent."""
+    """Opens the output and input ends in the parent (paths through
+    ``safe_open``: never through another user's symbolic link)."""
 
     def __init__(self, name: str, kind: str, *, out_fd: int = -1, in_fd: int = -1,
                  sock: socket.socket | None = None, sock_input: bool = False,
-                 socket_path: str | None = None, cols: int = 0, rows: int = 0) -> None:
+                 socket_path: str | None = None, cols: int = 0, rows: int = 0,
+                 rotate_fds: list[int] | None = None, max_size: int = DEFAULT_MAX_SIZE) -> None:
         self.name = name
         self.kind = kind
         self.out_fd = out_fd
         self.in_fd = in_fd
+        #: type=file: fds of path.1 .. path.keep, for rotation.
+        self.rotate_fds = list(rotate_fds or [])
+        self.max_size = max_size
         self.sock = sock
         self.sock_input = sock_input
         self.socket_path = socket_path
@@ -345,10 +466,15 @@ class ConsoleBuilder(DeviceBuilder):
         unix_input: bool = o["input-unix-stream"]
         cols: int = o["cols"]
         rows: int = o["rows"]
+        max_size: int = o["max-size"]
+        keep: int = o["keep"]
+        rotation_given = any(k in options for k in ("max-size", "max_size", "keep"))
         if kind in ("file", "unix", "unix-stream") and not path:
             raise ConfigError(f"type={kind} needs path=", "path", name)
         if kind in ("stdout", "sink") and path:
             raise ConfigError(f"given with type={kind}, which takes no path", "path", name, path)
+        if rotation_given and kind != "file":
+            raise ConfigError(f"applies to type=file only, not type={kind}", "max-size/keep", name)
         if input_path and use_stdin:
             raise ConfigError(f"input={input_path!r} and stdin=true are mutually exclusive", "stdin", name,
                               "true")
@@ -363,14 +489,15 @@ class ConsoleBuilder(DeviceBuilder):
         try:
             out_fd = -1
             in_fd = -1
+            rotate_fds: list[int] = []
             socket_path = None
             if kind == "file":
                 assert path is not None
-                try:
-                    out_fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-                except OSError as exc:
-                    raise ConfigError(f"cannot open for output: {exc.strerror}", "path", name, path) from None
+                out_fd = _open_output(name, "path", path)
                 opened.append(out_fd)
+                for k in range(1, keep + 1):
+                    rotate_fds.append(_open_output(name, "path", f"{path}.{k}", append=False))
+                    opened.append(rotate_fds[-1])
             elif kind == "stdout":
                 out_fd = os.dup(1)
                 opened.append(out_fd)
@@ -380,20 +507,18 @@ class ConsoleBuilder(DeviceBuilder):
                 socket_path = path
             elif kind == "unix-stream":
                 assert path is not None
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    sock.connect(path)
-                except OSError as exc:
-                    raise ConfigError(f"cannot connect: {exc.strerror or exc}", "path", name, path) from None
+                sock = _connect(name, "path", path)
             if input_path:
                 in_fd = _open_input(name, input_path)
                 opened.append(in_fd)
             elif use_stdin:
                 in_fd = os.dup(0)
                 opened.append(in_fd)
-            return cls(name, kind, out_fd=out_fd, in_fd=in_fd, sock=sock,
-                       sock_input=(kind == "unix" or unix_input), socket_path=socket_path,
-                       cols=cols, rows=rows)
+            builder = cls(name, kind, out_fd=out_fd, in_fd=in_fd, sock=sock,
+                          sock_input=(kind == "unix" or unix_input), socket_path=socket_path,
+                          cols=cols, rows=rows, rotate_fds=rotate_fds, max_size=max_size)
+            builder.memory_limit = o["memory-limit"]
+            return builder
         except BaseException:
             for fd in opened:
                 os.close(fd)
@@ -407,7 +532,7 @@ class ConsoleBuilder(DeviceBuilder):
             raise
 
     def keep_fds(self) -> list[int]:
-        fds = [fd for fd in (self.out_fd, self.in_fd) if fd >= 0]
+        fds = [fd for fd in (self.out_fd, self.in_fd, *self.rotate_fds) if fd >= 0]
         if self.sock is not None and self.sock.fileno() >= 0:
             fds.append(self.sock.fileno())
         return fds
@@ -416,7 +541,10 @@ class ConsoleBuilder(DeviceBuilder):
         output: Output = Output()
         input_: Input = Input()
         if self.out_fd >= 0:
-            output = FdOutput(self.out_fd, self.kind)
+            if self.kind == "file":
+                output = FileOutput([self.out_fd, *self.rotate_fds], self.name, self.max_size)
+            else:
+                output = FdOutput(self.out_fd, self.kind)
         if self.sock is not None:
             listening = self.kind == "unix"
             port = SocketPort(ex.loop, self.sock if listening else None,
@@ -434,6 +562,9 @@ class ConsoleBuilder(DeviceBuilder):
             if fd >= 0:
                 setattr(self, attr, -1)
                 os.close(fd)
+        fds, self.rotate_fds = self.rotate_fds, []
+        for fd in fds:
+            os.close(fd)
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -445,27 +576,57 @@ class ConsoleBuilder(DeviceBuilder):
             self.socket_path = None
 
 
+def _open_output(name: str, key: str, path: str, append: bool = True) -> int:
+    try:
+        return safe_open.open_output(name, key, path, append=append)
+    except OSError as exc:
+        raise ConfigError(f"cannot open for output: {exc.strerror or exc}", key, name, path) from None
+
+
+def _connect(name: str, key: str, path: str) -> socket.socket:
+    """Connect to the Unix socket at ``path`` (reached through safe_open)."""
+    try:
+        opath, _resolved = safe_open.open_path(name, key, path)
+    except OSError as exc:
+        raise ConfigError(f"cannot connect: {exc.strerror or exc}", key, name, path) from None
+    try:
+        if not stat.S_ISSOCK(os.fstat(opath).st_mode):
+            raise ConfigError("cannot connect: not a socket", key, name, path)
+        return safe_open.connect_unix(opath)
+    except OSError as exc:
+        raise ConfigError(f"cannot connect: {exc.strerror or exc}", key, name, path) from None
+    finally:
+        os.close(opath)
+
+
 def _open_input(name: str, path: str) -> int:
     """A regular file is read to its end; a FIFO is opened read-write so it
     never reports end-of-file while its writers come and go; a socket path
-    is connected to."""
+    is connected to.  The path is reached through safe_open (no other
+    user's symbolic link) and the file opened through the resulting fd."""
     try:
-        st = os.stat(path)
-        if stat.S_ISSOCK(st.st_mode):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(path)
-            except OSError:
-                s.close()
-                raise
-            return s.detach()
-        if stat.S_ISFIFO(st.st_mode):
-            return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        opath, resolved = safe_open.open_path(name, "input", path)
+    except FileNotFoundError:
+        raise ConfigError("does not exist", "input", name, path) from None
     except OSError as exc:
-        if exc.errno == errno.ENOENT:
-            raise ConfigError("does not exist", "input", name, path) from None
         raise ConfigError(f"cannot open: {exc.strerror or exc}", "input", name, path) from None
+    try:
+        mode = os.fstat(opath).st_mode
+        if stat.S_ISSOCK(mode):
+            return safe_open.connect_unix(opath).detach()
+        if stat.S_ISFIFO(mode):
+            return safe_open.reopen(opath, os.O_RDWR | os.O_NONBLOCK)
+        if stat.S_ISDIR(mode):
+            raise ConfigError("is a directory", "input", name, path)
+        if stat.S_ISREG(mode) and os.fstat(opath).st_nlink != 1:
+            # A second name for someone else's file (where the kernel's
+            # protected_hardlinks is off) would hand its contents to the guest.
+            raise ConfigError(f"refused: {resolved} has {os.fstat(opath).st_nlink} hard links", "input", name, path)
+        return safe_open.reopen(opath, os.O_RDONLY | os.O_NOCTTY)
+    except OSError as exc:
+        raise ConfigError(f"cannot open: {exc.strerror or exc}", "input", name, path) from None
+    finally:
+        os.close(opath)
 
 
 # --------------------------------------------------------------------------
@@ -482,6 +643,11 @@ OPTIONS = (
            aliases=("input_unix_stream",)),
     Option("cols", int, 0, "config space columns (0 = not offered)", lo=0, hi=0xFFFF, metavar="N"),
     Option("rows", int, 0, "config space rows (0 = not offered)", lo=0, hi=0xFFFF, metavar="N"),
+    Option("max-size", int, DEFAULT_MAX_SIZE, "type=file: rotate when the output reaches this size "
+           "(bytes or K/M/G); a flood costs at most max-size x (keep + 1)", aliases=("max_size",),
+           lo=4096, hi=1 << 40, size=True, metavar="BYTES"),
+    Option("keep", int, DEFAULT_KEEP, f"type=file: rotated files kept, path.1..path.N (0..{MAX_KEEP})",
+           lo=0, hi=MAX_KEEP, metavar="N"),
 )
 
 DEVICE = DeviceType(

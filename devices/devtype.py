@@ -32,6 +32,17 @@ RESERVED = frozenset({"vhost", "name", "restart", "jail-user", "watchdog-sec", "
 #: Keys every type accepts and ignores: ``vhost`` is the socket (the
 #: supervisor's), ``pci-address`` concerns the VMM.
 COMMON_IGNORED = ("vhost", "pci-address")
+#: ``memory-limit=`` default: the device's own heap (RLIMIT_DATA in its jail),
+#: guest RAM (shared memory) not included.  docs/sandbox.md has what each type uses.
+DEFAULT_MEMORY_LIMIT = 256 << 20
+MEMORY_LIMIT_RANGE = (32 << 20, 64 << 30)
+#: Options every device type has, appended to its own by ``DeviceType``.
+COMMON_OPTIONS = (
+    Option("memory-limit", int, DEFAULT_MEMORY_LIMIT,
+           "the device child's own heap budget (RLIMIT_DATA; guest RAM not included), bytes or K/M/G",
+           aliases=("memory_limit",), lo=MEMORY_LIMIT_RANGE[0], hi=MEMORY_LIMIT_RANGE[1], size=True,
+           metavar="BYTES"),
+)
 _NAME = re.compile(r"^[a-z][a-z0-9-]*$")
 
 
@@ -66,6 +77,8 @@ class DeviceType:
         if not self.seccomp_policy.endswith(".policy") or "/" in self.seccomp_policy:
             raise ValueError(f"device type {self.name}: seccomp_policy {self.seccomp_policy!r} "
                              f"must be a file name in seccomp/ ending in .policy")
+        own = tuple(o for o in self.options if o not in COMMON_OPTIONS)   # (dataclasses.replace passes them back)
+        object.__setattr__(self, "options", own + COMMON_OPTIONS)
         keys: set[str] = set()
         for opt in self.options:
             for key in opt.keys:

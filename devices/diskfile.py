@@ -17,6 +17,9 @@ import fcntl
 import os
 import stat
 
+from . import safe_open
+from .options import ConfigError
+
 # linux/falloc.h
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -94,9 +97,23 @@ def lock_image(fd: int, path: str, writable: bool) -> None:
                         f"use lock=false only if sharing it is intended") from None
 
 
-def open_image(path: str, *, read_only: bool, direct: bool) -> int:
-    """Open the image with O_CLOEXEC (the supervisor passes it by keep list)."""
-    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-    if direct:
-        flags |= os.O_DIRECT
-    return os.open(path, flags)
+def open_image(device: str, path: str, *, read_only: bool, direct: bool) -> tuple[int, str]:
+    """Open the image with O_CLOEXEC (the supervisor passes it by keep list);
+    returns (fd, resolved path).  The path is resolved once through
+    ``safe_open`` (a symbolic link another user planted is refused, a
+    root-owned one such as /dev/disk/by-id/* is followed) and the file is
+    opened through the resulting fd, so nothing planted later is followed:
+    the parent keeps this fd for every restart of the child.  Raises
+    ConfigError for a refused path or a file that is neither a regular file
+    nor a block device, OSError otherwise."""
+    opath, resolved = safe_open.open_path(device, "path", path)
+    try:
+        mode = os.fstat(opath).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise ConfigError(f"refused: {resolved} is not a regular file or a block device", "path", device, path)
+        flags = os.O_RDONLY if read_only else os.O_RDWR
+        if direct:
+            flags |= os.O_DIRECT
+        return safe_open.reopen(opath, flags), resolved
+    finally:
+        os.close(opath)

@@ -62,6 +62,19 @@ def parse_bool(value: Any, key: str | None = None, device: str | None = None) ->
     raise ConfigError("not a boolean (true/false)", key, device, value)
 
 
+_SIZE_SUFFIX = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parse_size(raw: Any) -> int:
+    """Bytes: a plain integer or one with a K/M/G/T suffix (powers of 1024;
+    ``KiB``/``MB`` spellings accepted), e.g. ``256M``; ValueError otherwise."""
+    text = str(raw).strip().lower().removesuffix("ib").removesuffix("b")
+    number, suffix = text, ""
+    if text and text[-1] in _SIZE_SUFFIX:
+        number, suffix = text[:-1], text[-1]
+    return int(number, 0) * _SIZE_SUFFIX[suffix]
+
+
 #: Checks an option's parsed value; returns what is wrong with it, or None.
 Check = Callable[[Any], "str | None"]
 
@@ -91,6 +104,8 @@ class Option:
     flags: tuple[str, ...] = ()
     metavar: str | None = None
     cli: bool = True
+    #: An ``int`` of bytes that also takes a K/M/G/T suffix (powers of 1024), e.g. ``256M``.
+    size: bool = False
 
     def __post_init__(self) -> None:
         if self.type not in (bool, int, str):
@@ -114,9 +129,10 @@ class Option:
             if isinstance(raw, bool):
                 raise ConfigError("not an integer", key, device, raw)
             try:
-                value = raw if isinstance(raw, int) else int(str(raw), 0)
+                value = raw if isinstance(raw, int) else (parse_size(raw) if self.size else int(str(raw), 0))
             except ValueError:
-                raise ConfigError("not an integer", key, device, raw) from None
+                raise ConfigError("not a size (bytes, or with K/M/G/T)" if self.size else "not an integer",
+                                  key, device, raw) from None
             assert self.lo is not None and self.hi is not None
             if not self.lo <= value <= self.hi:
                 raise ConfigError(f"outside [{self.lo}, {self.hi}]", key, device, raw)

@@ -68,8 +68,10 @@ class RngBuilder(DeviceBuilder):
 
     @classmethod
     def from_options(cls, name: str, options: dict[str, str]) -> "RngBuilder":
-        cls.declaration.parse(name, options)   # no options: refuses unknown keys
-        return cls(name)
+        o = cls.declaration.parse(name, options)   # only the common options: refuses unknown keys
+        builder = cls(name)
+        builder.memory_limit = o["memory-limit"]
+        return builder
 
     def build(self, ex: Executor) -> RngDevice:
         return RngDevice(ex, self.name)

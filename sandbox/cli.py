@@ -114,7 +114,7 @@ def _format_one(a: dict[str, Any], role: str) -> str:
         lines.append(f"  root {'host /' if root['same_as_caller'] else 'own'}: {root.get('entries')}")
     lim = a.get("rlimits") or {}
     picked = [("Max open files", "nofile"), ("Max core file size", "core"), ("Max processes", "nproc"),
-              ("Max address space", "as"), ("Max locked memory", "memlock")]
+              ("Max data size", "data"), ("Max address space", "as"), ("Max locked memory", "memlock")]
     lines.append("  rlimits " + " ".join(f"{short}={lim[k]['soft']}/{lim[k]['hard']}" for k, short in picked if k in lim))
     fds = a.get("fds")
     if fds is None:

@@ -43,6 +43,10 @@ class JailConfig:
     nproc: int | None = None
     address_space: int | None = None
     memlock: int | None = None
+    #: RLIMIT_DATA in bytes: the device's own heap (brk and private writable
+    #: mappings, thread stacks included); shared mappings such as guest RAM
+    #: do not count (Linux >= 4.7).  None = inherited.
+    data_limit: int | None = None
     keep_fds: list[int] = field(default_factory=list)
     log_fd: int | None = None
     seccomp_policy: str | None = None

@@ -241,8 +241,7 @@ def _forwarder(prep: Prepared, device_pid: int, alive_w: int) -> None:
     _drop_privileges(prep, ("i:" + cfg.name)[:15])
     os.close(prep.devnull)
     fds.close_all_except({0, 1, 2, alive_w})  # alive_w: D's proof that F lives
-    limits.apply_limits({k: v for k, v in prep.limits.items() if k != limits.resource.RLIMIT_NOFILE}
-                        | {limits.resource.RLIMIT_NOFILE: 16})
+    limits.apply_limits(limits.forwarder_limits(prep.limits))
     if prep.forwarder_bpf is not None:
         libc.seccomp_load(prep.forwarder_bpf, new_listener=False)
     while True:

@@ -139,6 +139,25 @@ def _child(prep: jail.Prepared, ch: socket.socket, target: Callable[[], int]) ->
             os._exit(code)
 
 
+def _late_device_pid(sock: socket.socket) -> int | None:
+    """The forwarder sends the device's pid right after forking it and the
+    device sends READY once jailed, on the same socket: under load READY can
+    arrive first.  Read on until the pid or end of file (both close their
+    ends right after sending; without namespaces there is no forwarder and
+    the device's close ends it)."""
+    try:
+        while True:
+            msg, fds, _flags, _addr = socket.recv_fds(sock, 4096, 1)
+            for fd in fds:
+                os.close(fd)
+            if not msg and not fds:
+                return None
+            if msg.startswith(jail.MSG_DEVICE):
+                return int(msg[len(jail.MSG_DEVICE):])
+    except (TimeoutError, socket.timeout, OSError, ValueError):
+        return None
+
+
 def _handshake(child: JailedChild, sock: socket.socket, ids: userns.IdMap) -> None:
     sock.settimeout(HANDSHAKE_TIMEOUT)
     while True:
@@ -164,7 +183,7 @@ def _handshake(child: JailedChild, sock: socket.socket, ids: userns.IdMap) -> No
             if fds:
                 child.violation_fd = fds[0]
             if child.device_pid is None:
-                child.device_pid = child.pid
+                child.device_pid = _late_device_pid(sock) or child.pid
             return
         elif msg.startswith(jail.MSG_ERROR):
             child.jail_error = msg[len(jail.MSG_ERROR):].decode(errors="replace")

@@ -202,6 +202,7 @@ class Supervisor:
             "uid": uid, "gid": gid, "root": self.cfg.jail.pivot_root, "bind_mounts": mounts,
             "seccomp_policy": os.path.join(self.cfg.jail.seccomp_policy_dir, builder.seccomp_policy),
             "seccomp_log": self.cfg.jail.seccomp_log_failures,
+            "data_limit": builder.memory_limit,   # memory-limit=: the device's own heap
         }
 
     def _start(self, slot: DeviceSlot) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 import devices
+from devices.devtype import DEFAULT_MEMORY_LIMIT
 from devices import DEVICE_TYPES, ConfigError, DeviceBuilder, DeviceType, Option, parse_bool, standalone
 from devices.devtype import registry
 from devices.options import parse_options
@@ -268,7 +269,7 @@ def test_a_new_type_needs_one_registry_entry(toy, sock_dir, capsys):
     for c in (cfg, from_toml):
         builders = C.open_builders(c)
         (builder,) = builders.values()
-        assert isinstance(builder, ToyBuilder) and builder.options == {"loud": True, "level": 3}
+        assert isinstance(builder, ToyBuilder) and builder.options == {"loud": True, "level": 3, "memory-limit": DEFAULT_MEMORY_LIMIT}
     # its child's modules join the pre-fork imports
     assert "json" in devices.child_modules() and __name__ in devices.child_modules()
     # and a bad value is named like any other

@@ -106,7 +106,7 @@ def test_console_options(tmp_path):
     assert sink.keep_fds() == []
     out = tmp_path / "out.txt"
     f = ConsoleBuilder.from_options("con", {"type": "file", "path": str(out), "hardware": "virtio-console"})
-    assert len(f.keep_fds()) == 1 and out.exists()
+    assert len(f.keep_fds()) == 3 and out.exists()   # path, and path.1, path.2 for rotation (keep=2)
     f.close()
     sock_path = tmp_path / "con.sock"
     u = ConsoleBuilder.from_options("con", {"type": "unix", "path": str(sock_path)})
