@@ -1,0 +1,225 @@
+"""The temporary world a check runs in: a work directory, images, a real
+supervisor (in a subprocess, as ``vhost-supervisor run``) with jailed
+devices of every type, and the helpers cases share (pick an instance, wait
+for it, prove it still serves).  ``close()`` stops everything and removes
+what it made; nothing of a production supervisor is touched (own control
+socket, own device sockets, own images, all under one temporary directory).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from frontend.supervisor_process import SupervisorProcess
+
+from .catalog import CaseFailed
+from .devtypes import TYPES, DeviceType
+
+
+@dataclass(frozen=True)
+class Instance:
+    name: str
+    type: DeviceType
+    variant: str
+    socket: str
+
+
+class Environment:
+    """One temporary supervisor shared by many cases (``pool`` plain instances
+    per device type, round-robin, so one device restarting after a hostile
+    connection does not hold up the next case)."""
+
+    def __init__(self, device_types: list[str] | None = None, pool: int = 2) -> None:
+        names = device_types or list(TYPES)
+        unknown = [n for n in names if n not in TYPES]
+        if unknown:
+            raise ValueError(f"--device-type {unknown[0]!r} is not one of {', '.join(TYPES)}")
+        self.types = [TYPES[n] for n in names]
+        self.pool = pool
+        self.dir = ""
+        self.sup: SupervisorProcess | None = None
+        self.instances: dict[str, Instance] = {}
+        self._rr: dict[str, int] = {}
+        self._probe: Any = None
+        self.notes: list[str] = []
+        #: results an attack computes once and several cases read (e.g. one jail child, many probes)
+        self.cache: dict[str, Any] = {}
+
+    # ------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        self.dir = tempfile.mkdtemp(prefix="vhost-seccheck-")
+        os.chmod(self.dir, 0o755)
+        for sub in ("sock", "ctl", "out", "img"):
+            os.mkdir(self.path(sub), 0o755)
+            os.chmod(self.path(sub), 0o755)
+        args: list[str] = []
+        for t in self.types:
+            for variant in t.variants:
+                count = self.pool if variant == "" else 1
+                for i in range(count):
+                    name = f"{t.name}-{i}" if variant == "" else f"{t.name}-{variant}"
+                    inst = Instance(name, t, variant, self.path("sock", f"{name}.sock"))
+                    self.instances[name] = inst
+                    opts = t.options(self.path("img" if t.name == "block" else "out"), name, variant)
+                    args += [f"--{t.flag}", ",".join(x for x in (f"vhost={inst.socket}", f"name={name}", opts) if x)]
+        self.sup = SupervisorProcess(self.dir)
+        self.sup.control = self.path("ctl", "control.sock")
+        self.sup.start(*args, "--grace-period", "2", timeout=60)
+        for name in self.instances:
+            self.wait_ready(name, timeout=30)
+
+    def close(self) -> None:
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
+        if self.sup is not None:
+            try:
+                if self.sup.proc is not None and self.sup.proc.poll() is None:
+                    self.sup.terminate(20)
+            except Exception as e:  # noqa: BLE001 - clean up whatever happened
+                self.notes.append(f"supervisor did not stop cleanly: {type(e).__name__}: {e}")
+            finally:
+                self.sup.cleanup()
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = ""
+
+    def __enter__(self) -> "Environment":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ helpers
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.dir, *parts)
+
+    @property
+    def control(self) -> str:
+        assert self.sup is not None
+        return self.sup.control
+
+    def log(self) -> str:
+        assert self.sup is not None
+        return self.sup.read_log()
+
+    def has_type(self, name: str) -> bool:
+        return any(t.name == name for t in self.types)
+
+    def instance(self, type_name: str, variant: str = "") -> Instance:
+        """A plain instance of ``type_name`` (round-robin over the pool) or the
+        one instance of a variant."""
+        if variant:
+            return self.instances[f"{type_name}-{variant}"]
+        i = self._rr.get(type_name, 0)
+        self._rr[type_name] = i + 1
+        return self.instances[f"{type_name}-{i % self.pool}"]
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        assert self.sup is not None
+        return self.sup.status()
+
+    def request(self, cmd: str, **kw: Any) -> dict[str, Any]:
+        assert self.sup is not None
+        return self.sup.request(cmd, **kw)
+
+    def supervisor_alive(self) -> bool:
+        return self.sup is not None and self.sup.proc is not None and self.sup.proc.poll() is None
+
+    def wait_ready(self, name: str, not_pid: int | None = None, timeout: float = 10.0) -> dict[str, Any]:
+        """The device's status once a child (other than ``not_pid``) waits for a front-end."""
+        assert self.sup is not None
+        try:
+            return self.sup.wait_state(name, ("ready",), timeout=timeout,
+                                       pred=lambda d: d["pid"] is not None and d["pid"] != not_pid)
+        except RuntimeError as e:
+            raise CaseFailed(f"{name} did not come back ready: {e}") from None
+
+    def pid(self, name: str) -> int:
+        return self.wait_ready(name)["pid"]
+
+    def exercise(self, inst: Instance) -> None:
+        inst.type.exercise(inst.socket, self.dir, inst.name)
+
+    def recovered(self, inst: Instance, old_pid: int, *, allow_crash: bool = False,
+                  others: dict[str, int] | None = None) -> str:
+        """After a hostile connection to ``inst`` (whose child was ``old_pid``):
+        the supervisor lives, the child ended cleanly (unless ``allow_crash``),
+        a fresh child serves real I/O, and no other device was restarted.
+        Returns how the old child ended."""
+        if not self.supervisor_alive():
+            raise CaseFailed("the supervisor died")
+        d = self.wait_ready(inst.name, not_pid=old_pid)
+        last = d.get("last_exit") or {}
+        how = last.get("text", "?")
+        if not allow_crash and last.get("kind") != "disconnected":
+            raise CaseFailed(f"the device child crashed instead of ending the connection: {how}")
+        try:
+            self.exercise(inst)
+        except CaseFailed:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise CaseFailed(f"{inst.name} does not serve a fresh connection: {type(e).__name__}: {e}") from None
+        if others:
+            now = self.status()
+            moved = [n for n, p in others.items() if now[n]["pid"] != p]
+            if moved:
+                raise CaseFailed(f"other devices were restarted: {', '.join(moved)}")
+        return how
+
+    def other_pids(self, inst: Instance) -> dict[str, int]:
+        """pids of every other device that is ready (to check they are left alone)."""
+        return {n: d["pid"] for n, d in self.status().items()
+                if n != inst.name and d["pid"] and d["state"] in ("ready", "serving")
+                and not n.endswith(("-storm", "-crash", "-fill"))}
+
+    def probe(self) -> Any:
+        """The jail prober (children spawned exactly as the supervisor spawns them)."""
+        if self._probe is None:
+            from .inchild import JailProber
+            self._probe = JailProber(self.path("probe"), [t.name for t in self.types])
+        return self._probe
+
+    def audits(self) -> dict[str, Any]:
+        """``sandbox.audit`` of every device child (the JSON report)."""
+        import sandbox
+        out: dict[str, Any] = {}
+        try:
+            devs = self.status()
+        except Exception as e:  # noqa: BLE001
+            return {"error": f"{type(e).__name__}: {e}"}
+        for name, d in devs.items():
+            pid = d.get("supervised_pid") or d.get("pid")
+            if not pid:
+                out[name] = None
+                continue
+            try:
+                out[name] = sandbox.audit(pid)
+            except Exception as e:  # noqa: BLE001 - the child may exit in between
+                out[name] = {"error": f"{type(e).__name__}: {e}"}
+        return out
+
+
+def wait_until(pred: Any, timeout: float, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(interval)
+    return bool(pred())
+
+
+def kill_quietly(pid: int, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
