@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from frontend.supervisor_process import SupervisorProcess
+from frontend.supervisor_process import REPO, SupervisorProcess
 
 from .catalog import CaseFailed
 from .devtypes import TYPES, DeviceType
@@ -50,6 +50,8 @@ class Environment:
         self.notes: list[str] = []
         #: results an attack computes once and several cases read (e.g. one jail child, many probes)
         self.cache: dict[str, Any] = {}
+        #: how the child before the last ``recovered`` ended (status' last_exit)
+        self.last_exit: dict[str, Any] = {}
 
     # ------------------------------------------------------------ life cycle
 
@@ -71,9 +73,26 @@ class Environment:
                     args += [f"--{t.flag}", ",".join(x for x in (f"vhost={inst.socket}", f"name={name}", opts) if x)]
         self.sup = SupervisorProcess(self.dir)
         self.sup.control = self.path("ctl", "control.sock")
-        self.sup.start(*args, "--grace-period", "2", timeout=60)
+        self._launch(args + ["--grace-period", "2"])
         for name in self.instances:
             self.wait_ready(name, timeout=30)
+
+    def _launch(self, args: list[str]) -> None:
+        """``vhost-supervisor run`` in a subprocess that gets SIGTERM (a clean
+        shutdown) if the check itself dies, so nothing is left running."""
+        import socket
+        import subprocess
+        import sys
+        sup = self.sup
+        assert sup is not None
+        sup.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sup.notify.bind(sup.notify_path)
+        env = dict(os.environ, NOTIFY_SOCKET=sup.notify_path)
+        with open(sup.log_path, "ab") as log:
+            sup.proc = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", "-s", sup.control, *args],
+                                        stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO, env=env,
+                                        preexec_fn=_die_with_parent)
+        sup.wait_notify("READY=1", 60)
 
     def close(self) -> None:
         if self._probe is not None:
@@ -159,7 +178,9 @@ class Environment:
         if not self.supervisor_alive():
             raise CaseFailed("the supervisor died")
         d = self.wait_ready(inst.name, not_pid=old_pid)
+        fresh = d["pid"]
         last = d.get("last_exit") or {}
+        self.last_exit = last
         how = last.get("text", "?")
         if not allow_crash and last.get("kind") != "disconnected":
             raise CaseFailed(f"the device child crashed instead of ending the connection: {how}")
@@ -169,6 +190,7 @@ class Environment:
             raise
         except Exception as e:  # noqa: BLE001
             raise CaseFailed(f"{inst.name} does not serve a fresh connection: {type(e).__name__}: {e}") from None
+        self.wait_ready(inst.name, not_pid=fresh)   # quiet again before the next case looks at the pool
         if others:
             now = self.status()
             moved = [n for n, p in others.items() if now[n]["pid"] != p]
@@ -207,6 +229,11 @@ class Environment:
             except Exception as e:  # noqa: BLE001 - the child may exit in between
                 out[name] = {"error": f"{type(e).__name__}: {e}"}
         return out
+
+
+def _die_with_parent() -> None:
+    import prctl
+    prctl.set_pdeathsig(signal.SIGTERM)
 
 
 def wait_until(pred: Any, timeout: float, interval: float = 0.01) -> bool:
