@@ -22,6 +22,10 @@ from .catalog import CaseFailed
 from .devtypes import TYPES, DeviceType
 
 
+#: instances the exhaustion cases abuse (left out of "other devices were not touched")
+SPECIAL = ("-storm", "-crash", "-fill", "-direct")
+
+
 @dataclass(frozen=True)
 class Instance:
     name: str
@@ -198,11 +202,21 @@ class Environment:
                 raise CaseFailed(f"other devices were restarted: {', '.join(moved)}")
         return how
 
+    def settle(self, timeout: float = 5.0) -> None:
+        """Wait until every pooled device waits for a front-end (a case that
+        failed half-way may have left one restarting)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = self.status()
+            if all(d["state"] == "ready" and d["pid"] for n, d in st.items() if not n.endswith(SPECIAL)):
+                return
+            time.sleep(0.01)
+
     def other_pids(self, inst: Instance) -> dict[str, int]:
         """pids of every other device that is ready (to check they are left alone)."""
         return {n: d["pid"] for n, d in self.status().items()
                 if n != inst.name and d["pid"] and d["state"] in ("ready", "serving")
-                and not n.endswith(("-storm", "-crash", "-fill"))}
+                and not n.endswith(SPECIAL)}
 
     def probe(self) -> Any:
         """The jail prober (children spawned exactly as the supervisor spawns them)."""

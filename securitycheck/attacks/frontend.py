@@ -108,6 +108,7 @@ def hostile_case(id: str, type_name: str, tries: str, script: Callable[[VhostUse
     that nothing broke)."""
 
     def run(env: Any) -> str:
+        env.settle()
         inst = env.instance(type_name)
         pid = env.wait_ready(inst.name)["pid"]
         others = env.other_pids(inst)
