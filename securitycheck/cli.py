@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -22,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"only this class of attack ({', '.join(CLASSES)}); repeatable")
     p.add_argument("--device-type", dest="device_types", action="append", choices=sorted(TYPES), metavar="T",
                    help=f"only devices of this type ({', '.join(sorted(TYPES))}); repeatable")
+    p.add_argument("--case", dest="cases", action="append", metavar="ID",
+                   help="only the case with this id (or id prefix); repeatable")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.add_argument("--wide", action="store_true", help="do not shorten the table's columns")
@@ -44,22 +47,29 @@ def run(args: argparse.Namespace) -> int:
         print("vhost-supervisor security-check: run as root (the check starts jailed devices "
               "and plays an unprivileged user with setuid)", file=sys.stderr)
         return 2
+    if args.cases:
+        cases = [c for c in cases if any(c.id == p or c.id.startswith(p) for p in args.cases)]
     t0 = time.monotonic()
     env = Environment(args.device_types)
     audits: dict = {}
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so the temporary supervisor and files go too
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
     try:
-        env.start()
+        try:
+            env.start()
+        except Exception as e:  # noqa: BLE001 - could not even set up: say why, leave nothing
+            print(f"vhost-supervisor security-check: cannot start: {type(e).__name__}: {e}", file=sys.stderr)
+            if env.sup is not None:
+                print(env.log()[-3000:], file=sys.stderr)
+            return 2
         results = run_cases(env, cases, None if args.quiet else sys.stderr)
         audits = env.audits()
-    except Exception as e:  # noqa: BLE001 - could not even set up: say why, leave nothing
-        print(f"vhost-supervisor security-check: cannot run: {type(e).__name__}: {e}", file=sys.stderr)
-        if env.sup is not None:
-            print(env.log()[-3000:], file=sys.stderr)
-        env.close()
+    except KeyboardInterrupt:
+        print("vhost-supervisor security-check: interrupted; cleaning up", file=sys.stderr)
         return 2
     finally:
-        pass
-    env.close()
+        env.close()
     seconds = time.monotonic() - t0
     print(format_table(results, args.wide))
     print()
@@ -69,6 +79,10 @@ def run(args: argparse.Namespace) -> int:
             json.dump(build_report(env, results, seconds, audits), f, indent=2, default=str)
         print(f"report: {args.json}")
     return 1 if any(r.verdict == FAIL for r in results) else 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,17 +29,22 @@ class DeviceType:
     variants: tuple[str, ...] = field(default=("",))   # extra instances the cases need, e.g. "ro"
 
 
-def _image(workdir: str, name: str) -> str:
+#: the O_DIRECT instance is where the amplification case reads 128 MiB in one request
+DIRECT_IMAGE_SIZE = 256 << 20
+
+
+def _image(workdir: str, name: str, size: int = IMAGE_SIZE) -> str:
     path = os.path.join(workdir, f"{name}.img")
     if not os.path.exists(path):
         with open(path, "wb") as f:
-            f.truncate(IMAGE_SIZE)
+            f.truncate(size)   # sparse: costs no disk
     return path
 
 
 def _block_options(workdir: str, name: str, variant: str) -> str:
     extra = {"ro": ",ro=true", "direct": ",direct=true"}.get(variant, "")
-    return f"path={_image(workdir, name)}{extra}"
+    size = DIRECT_IMAGE_SIZE if variant == "direct" else IMAGE_SIZE
+    return f"path={_image(workdir, name, size)}{extra}"
 
 
 def _block_exercise(sock: str, workdir: str, name: str) -> None:
