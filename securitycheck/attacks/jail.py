@@ -129,9 +129,11 @@ def _errno_of(fn: Callable[[], Any]) -> Any:
 
 
 POLICY_ERRNOS: dict[str, tuple[str, Callable[[], Any], tuple[str, ...]]] = {
-    "open-host-files": ("open /etc/shadow, /proc/self/mem, /dev/mem, /sys/kernel",
+    "open-host-files": ("open /etc/shadow, /etc/passwd, /proc/self/mem, /proc/self/status, /dev/mem, /dev/null, "
+                        "/sys/kernel, /",
                         lambda: sorted({_errno_of(lambda p=p: os.close(os.open(p, os.O_RDONLY)))
-                                        for p in ("/etc/shadow", "/proc/self/mem", "/dev/mem", "/sys/kernel")}),
+                                        for p in ("/etc/shadow", "/etc/passwd", "/proc/self/mem", "/proc/self/status",
+                                                  "/dev/mem", "/dev/null", "/sys/kernel", "/")}),
                         ("ENOENT",)),
     "io_uring": ("set up an io_uring (kernel attack surface)", lambda: _errno_of(lambda: _sys("io_uring_setup", 8, 0)),
                  ("ENOSYS",)),
