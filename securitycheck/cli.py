@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"only this class of attack ({', '.join(CLASSES)}); repeatable")
     p.add_argument("--device-type", dest="device_types", action="append", choices=sorted(TYPES), metavar="T",
                    help=f"only devices of this type ({', '.join(sorted(TYPES))}); repeatable")
+    p.add_argument("--seccomp-policy-dir", metavar="DIR",
+                   help="the policies to attack (default: the supervisor's own, as `run` would load them)")
     p.add_argument("--case", dest="cases", action="append", metavar="ID",
                    help="only the case with this id (or id prefix); repeatable")
     p.add_argument("--list", action="store_true", help="list the cases and exit")
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.cases:
         cases = [c for c in cases if any(c.id == p or c.id.startswith(p) for p in args.cases)]
     t0 = time.monotonic()
-    env = Environment(args.device_types)
+    env = Environment(args.device_types, policy_dir=args.seccomp_policy_dir)
     audits: dict = {}
     # SIGTERM/SIGHUP unwind like Ctrl-C, so the temporary supervisor and files go too
     for sig in (signal.SIGTERM, signal.SIGHUP):

@@ -39,13 +39,16 @@ class Environment:
     per device type, round-robin, so one device restarting after a hostile
     connection does not hold up the next case)."""
 
-    def __init__(self, device_types: list[str] | None = None, pool: int = 2) -> None:
+    def __init__(self, device_types: list[str] | None = None, pool: int = 2,
+                 policy_dir: str | None = None) -> None:
         names = device_types or list(TYPES)
         unknown = [n for n in names if n not in TYPES]
         if unknown:
             raise ValueError(f"--device-type {unknown[0]!r} is not one of {', '.join(TYPES)}")
         self.types = [TYPES[n] for n in names]
         self.pool = pool
+        from .policies import policy_dir as _policy_dir
+        self.policy_dir = _policy_dir(policy_dir)
         self.dir = ""
         self.sup: SupervisorProcess | None = None
         self.instances: dict[str, Instance] = {}
@@ -77,7 +80,7 @@ class Environment:
                     args += [f"--{t.flag}", ",".join(x for x in (f"vhost={inst.socket}", f"name={name}", opts) if x)]
         self.sup = SupervisorProcess(self.dir)
         self.sup.control = self.path("ctl", "control.sock")
-        self._launch(args + ["--grace-period", "2"])
+        self._launch(args + ["--grace-period", "2", "--jail", f"seccomp-policy-dir={self.policy_dir}"])
         for name in self.instances:
             self.wait_ready(name, timeout=30)
 
@@ -222,7 +225,7 @@ class Environment:
         """The jail prober (children spawned exactly as the supervisor spawns them)."""
         if self._probe is None:
             from .inchild import JailProber
-            self._probe = JailProber(self.path("probe"), [t.name for t in self.types])
+            self._probe = JailProber(self.path("probe"), [t.name for t in self.types], self.policy_dir)
         return self._probe
 
     def audits(self) -> dict[str, Any]:

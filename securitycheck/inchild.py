@@ -60,7 +60,7 @@ class _ProbeBuilder:
 class JailProber:
     """Device children of each type, jailed by the supervisor's own code path."""
 
-    def __init__(self, workdir: str, types: list[str]) -> None:
+    def __init__(self, workdir: str, types: list[str], policy_dir: str) -> None:
         from supervisor.config import build_config, open_builders
         from supervisor.supervision import Supervisor, preimport_child_modules
 
@@ -74,7 +74,8 @@ class JailProber:
             opts = t.options(workdir, f"probe-{name}", "")
             sock = os.path.join(workdir, f"{name}.sock")
             flags.append((t.flag, ",".join(x for x in (f"vhost={sock}", f"name=probe-{name}", opts) if x)))
-        self.cfg = build_config(ordered_flags=flags, control_socket=os.path.join(workdir, "unused.sock"))
+        self.cfg = build_config(ordered_flags=flags, control_socket=os.path.join(workdir, "unused.sock"),
+                                jail=[f"seccomp-policy-dir={policy_dir}"])
         self.builders = open_builders(self.cfg)
         self.sup = Supervisor(self.cfg, self.builders)   # never run: computes the jail arguments
         self.listeners: dict[str, Any] = {}

@@ -11,14 +11,18 @@ import hashlib
 import os
 
 
-def policy_dir() -> str:
+def policy_dir(override: str | None = None) -> str:
+    """The directory the check's supervisor loads policies from: the
+    operator's ``--seccomp-policy-dir`` or the supervisor's own default."""
+    if override:
+        return os.path.abspath(override)
     from supervisor.config import default_policy_dir
     return str(default_policy_dir())
 
 
-def policy_hashes() -> dict[str, str]:
+def policy_hashes(directory: str | None = None) -> dict[str, str]:
     """sha256 of every ``*.policy`` file the supervisor would load."""
-    d = policy_dir()
+    d = directory or policy_dir()
     out: dict[str, str] = {}
     try:
         names = sorted(n for n in os.listdir(d) if n.endswith(".policy"))

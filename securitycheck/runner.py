@@ -115,7 +115,7 @@ def versions() -> dict[str, Any]:
 
 
 def build_report(env: Any, results: list[Result], seconds: float, audits: dict[str, Any]) -> dict[str, Any]:
-    from .policies import policy_dir, policy_hashes
+    from .policies import policy_hashes
     u = os.uname()
     return {
         "ok": all(r.verdict == PASS for r in results),
@@ -125,8 +125,8 @@ def build_report(env: Any, results: list[Result], seconds: float, audits: dict[s
         "seconds": round(seconds, 2),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds)),
         "host": {"kernel": u.release, "kernel_version": u.version, "machine": u.machine, "hostname": u.nodename},
-        "policy_dir": policy_dir(),
-        "policies_sha256": policy_hashes(),
+        "policy_dir": env.policy_dir,
+        "policies_sha256": policy_hashes(env.policy_dir),
         "versions": versions(),
         "audit": audits,
         "notes": list(getattr(env, "notes", [])),
