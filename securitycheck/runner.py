@@ -106,12 +106,23 @@ def versions() -> dict[str, Any]:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
             out[dist] = None
-    try:
-        import seccomp  # pyseccomp's module
-        out["libseccomp"] = ".".join(str(x) for x in seccomp.get_libseccomp_version())  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001
-        out["libseccomp"] = None
+    out["libseccomp"] = _libseccomp_version()
     return out
+
+
+def _libseccomp_version() -> str | None:
+    """The C library the policies are compiled with (seccomp_version(3))."""
+    import ctypes
+
+    class Version(ctypes.Structure):
+        _fields_ = [("major", ctypes.c_uint), ("minor", ctypes.c_uint), ("micro", ctypes.c_uint)]
+    try:
+        lib = ctypes.CDLL("libseccomp.so.2")
+        lib.seccomp_version.restype = ctypes.POINTER(Version)
+        v = lib.seccomp_version().contents
+        return f"{v.major}.{v.minor}.{v.micro}"
+    except (OSError, AttributeError):
+        return None
 
 
 def build_report(env: Any, results: list[Result], seconds: float, audits: dict[str, Any]) -> dict[str, Any]:
