@@ -37,7 +37,6 @@ class Case:
     #: Set when the defence is being built elsewhere (issue 9 finding and branch):
     #: the case is expected to fail until that lands, and the report says so.
     awaiting: str | None = None
-    timeout: float = 30.0         # what the case's own waits add up to, at most
 
 
 _REGISTRY: dict[str, Case] = {}
@@ -50,15 +49,6 @@ def register(case: Case) -> Case:
         raise ValueError(f"case id {case.id!r} registered twice")
     _REGISTRY[case.id] = case
     return case
-
-
-def case(id: str, cls: str, device_type: str, tries: str, expected: str, *,
-         awaiting: str | None = None, timeout: float = 30.0) -> Callable[[Callable[[Any], str]], Callable[[Any], str]]:
-    """Decorator form of ``register``."""
-    def wrap(fn: Callable[[Any], str]) -> Callable[[Any], str]:
-        register(Case(id, cls, device_type, tries, expected, fn, awaiting, timeout))
-        return fn
-    return wrap
 
 
 def all_cases(classes: list[str] | None = None, device_types: list[str] | None = None) -> list[Case]:

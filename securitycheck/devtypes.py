@@ -24,8 +24,8 @@ class DeviceType:
     num_queues: int
     #: workspace dir, instance name, variant -> "key=value,..." (without vhost=)
     options: Callable[[str, str, str], str]
-    #: socket path, workspace dir, instance name -> None; raises on a wrong result
-    exercise: Callable[[str, str, str], None]
+    #: socket path, variant -> None; raises on a wrong result
+    exercise: Callable[[str, str], None]
     variants: tuple[str, ...] = field(default=("",))   # extra instances the cases need, e.g. "ro"
 
 
@@ -47,8 +47,8 @@ def _block_options(workdir: str, name: str, variant: str) -> str:
     return f"path={_image(workdir, name, size)}{extra}"
 
 
-def _block_exercise(sock: str, workdir: str, name: str) -> None:
-    if name.endswith("-ro"):
+def _block_exercise(sock: str, variant: str) -> None:
+    if variant == "ro":
         _read_only_read(sock)
     else:
         drive_block(sock, offset=4096, data=os.urandom(4096))
@@ -68,11 +68,11 @@ def _console_options(workdir: str, name: str, variant: str) -> str:
     return f"type=file,path={os.path.join(workdir, name + '.out')}"
 
 
-def _console_exercise(sock: str, workdir: str, name: str) -> None:
+def _console_exercise(sock: str, variant: str) -> None:
     drive_console(sock, b"health\n")
 
 
-def _rng_exercise(sock: str, workdir: str, name: str) -> None:
+def _rng_exercise(sock: str, variant: str) -> None:
     drive_rng(sock, 64)
 
 

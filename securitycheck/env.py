@@ -174,7 +174,7 @@ class Environment:
         return self.wait_ready(name)["pid"]
 
     def exercise(self, inst: Instance) -> None:
-        inst.type.exercise(inst.socket, self.dir, inst.name)
+        inst.type.exercise(inst.socket, inst.variant)
 
     def recovered(self, inst: Instance, old_pid: int, *, allow_crash: bool = False,
                   others: dict[str, int] | None = None) -> str:

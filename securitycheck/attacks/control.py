@@ -9,15 +9,13 @@ process table.
 from __future__ import annotations
 
 import json
-import os
-import select
 import socket
 import time
 from typing import Any
 
 import psutil
 
-from ..catalog import Case, CaseFailed, check, register
+from ..catalog import Case, check, register
 from ..env import wait_until
 
 SLOTS = "branch slots"

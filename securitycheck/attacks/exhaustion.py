@@ -19,7 +19,7 @@ from typing import Any
 
 import psutil
 
-from connection.protocol import VERSION, FrontendReq
+from connection.protocol import VERSION
 from frontend.vhost_user import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, VhostUserFrontend
 
 from ..catalog import Case, CaseFailed, check, register
@@ -320,7 +320,7 @@ def _unix_scan(env: Any) -> str:
             held = [socket.socketpair() for _ in range(pairs)]
             os.write(ready_w, b"R")
             os.read(done_r, 1)        # until the parent has measured (or died)
-            del held
+            assert len(held) == pairs
         finally:
             os._exit(0)
     os.close(ready_w)
@@ -412,8 +412,8 @@ def _log_flood(env: Any) -> str:
 
 # ---------------------------------------------------------------------------
 
-def _add(id: str, dev: str, tries: str, expected: str, fn: Any, awaiting: str | None, timeout: float = 30.0) -> None:
-    register(Case(f"exhaustion.{id}", "exhaustion", dev, tries, expected, fn, awaiting=awaiting, timeout=timeout))
+def _add(id: str, dev: str, tries: str, expected: str, fn: Any, awaiting: str | None) -> None:
+    register(Case(f"exhaustion.{id}", "exhaustion", dev, tries, expected, fn, awaiting=awaiting))
 
 
 _add("amplification-direct-bounce.block", "block",

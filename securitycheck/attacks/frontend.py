@@ -10,7 +10,6 @@ the device serves a fresh connection with real I/O.
 
 from __future__ import annotations
 
-import mmap
 import os
 import select
 import socket
@@ -394,7 +393,6 @@ def _remove_unknown(fe: VhostUserFrontend) -> str:
 def _fd_kinds() -> dict[str, Callable[[], list[int]]]:
     """kind -> a function opening it (returns the fds to close; the first is sent)."""
     import select as _select
-    import signal as _signal
 
     def pipe() -> list[int]:
         r, w = os.pipe()

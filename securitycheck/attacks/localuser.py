@@ -47,9 +47,10 @@ def _raw(nr: int, *args: int) -> int:
 
 
 def _pid_of(env: Any, type_name: str, which: str = "pid") -> int:
-    inst = env.instance(type_name)
-    d = env.wait_ready(inst.name)
-    return d[which] if which != "supervisor" else env.sup.proc.pid
+    """The device child (``pid``), its jail forwarder (``supervised_pid``) or the supervisor."""
+    if which == "supervisor":
+        return env.sup.proc.pid
+    return env.wait_ready(env.instance(type_name).name)[which]
 
 
 def _as(uid: int, fn: Callable[[], Any]) -> Any:

@@ -10,17 +10,13 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
-import mmap
 import os
 import signal
 import socket
-import struct
 
-import pytest
 import uvloop
 
 from sandbox import JailConfig, spawn
-from sandbox import libc
 
 from tests.sandbox.helpers import POLICY_DIR, policy_file, run_in_jail, wait
 
