@@ -150,6 +150,16 @@ class Environment:
         self._rr[type_name] = i + 1
         return self.instances[f"{type_name}-{i % self.pool}"]
 
+    def any_instance(self, exclude: Instance | None = None) -> Instance:
+        """A plain instance of whatever types this run has (for cases that are
+        not about one device type), other than ``exclude``."""
+        for _ in range(2):
+            for t in self.types:
+                inst = self.instance(t.name)
+                if exclude is None or inst.name != exclude.name:
+                    return inst
+        raise ValueError("no other device instance")
+
     def status(self) -> dict[str, dict[str, Any]]:
         assert self.sup is not None
         return self.sup.status()

@@ -267,7 +267,7 @@ def _hung(env: Any) -> str:
 
 def _connection_flood(env: Any) -> str:
     target = env.instance("block")
-    other = env.instance("rng")
+    other = env.any_instance(exclude=target)
     env.settle()
     sup = psutil.Process(env.sup.proc.pid)
     fds_before = sup.num_fds()
