@@ -16,6 +16,8 @@ from typing import Any
 from .config import ConfigError, build_config, default_control_socket
 
 EXIT_CONFIG = 2
+#: subcommands that are another package's command line
+DELEGATED = {"device": "devices.standalone", "probe": "frontend.probe", "security-check": "securitycheck.cli"}
 
 
 class _DeviceFlag(argparse.Action):
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("args", nargs=argparse.REMAINDER)
     pr = sub.add_parser("probe", help="connect to a vhost-user socket and describe the device", add_help=False)
     pr.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser("security-check", help="attack a temporary supervisor on this host and report",
+                   add_help=False).add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -193,12 +197,10 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # "device" and "probe" hand everything after them to the other packages' CLIs.
-    if argv and argv[0] in ("device", "probe"):
-        if argv[0] == "device":
-            from devices.standalone import main as tool
-        else:
-            from frontend.probe import main as tool
+    # "device", "probe" and "security-check" hand everything after them to the other packages' CLIs.
+    if argv and argv[0] in DELEGATED:
+        import importlib
+        tool = importlib.import_module(DELEGATED[argv[0]]).main
         try:
             return int(tool(argv[1:]) or 0)
         except SystemExit as e:  # their argparse: --help, usage errors

@@ -197,6 +197,9 @@ class Supervisor:
         if mounts:
             import sandbox
             mounts = [m if isinstance(m, sandbox.BindMount) else sandbox.BindMount(*m) for m in mounts]
+        if slot.uid is None and os.geteuid() == 0:
+            # Never a root device by omission: ids come from assign_ids().
+            raise RuntimeError(f"device {slot.name}: no jail uid assigned (assign_ids() not called)")
         uid, gid = (slot.uid, slot.gid) if slot.uid is not None else (os.geteuid(), os.getegid())
         return {
             "uid": uid, "gid": gid, "root": self.cfg.jail.pivot_root, "bind_mounts": mounts,
