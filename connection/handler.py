@@ -55,8 +55,9 @@ REQUESTS_WITH_REPLY = frozenset({
 GENERIC_PROTOCOL_FEATURES = int(ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
                                 | ProtocolFeature.INFLIGHT_SHMFD | ProtocolFeature.CONFIGURE_MEM_SLOTS
                                 | ProtocolFeature.RESET_DEVICE | ProtocolFeature.STATUS)
-#: Device-specific protocol features the handler knows how to serve.
-DEVICE_PROTOCOL_FEATURES = int(ProtocolFeature.CONFIG)
+#: Device-specific protocol features the handler knows how to serve
+#: (MTU: NET_SET_MTU, handed to ``VhostUserDevice.set_mtu``).
+DEVICE_PROTOCOL_FEATURES = int(ProtocolFeature.CONFIG | ProtocolFeature.MTU)
 
 #: Virtio bits never offered whatever the device says: the rings are split
 #: rings only, dirty logging (LOG_ALL/LOG_SHMFD) is not implemented, and
@@ -149,6 +150,7 @@ class DeviceRequestHandler(Backend):
             FrontendReq.RESET_DEVICE: self._reset_device,
             FrontendReq.GET_STATUS: self._get_status,
             FrontendReq.SET_STATUS: self._set_status,
+            FrontendReq.NET_SET_MTU: self._net_set_mtu,
         }
         #: Protocol feature each request needs negotiated before it is served.
         self._gates: dict[int, int] = {
@@ -163,6 +165,7 @@ class DeviceRequestHandler(Backend):
             FrontendReq.RESET_DEVICE: ProtocolFeature.RESET_DEVICE,
             FrontendReq.GET_STATUS: ProtocolFeature.STATUS,
             FrontendReq.SET_STATUS: ProtocolFeature.STATUS,
+            FrontendReq.NET_SET_MTU: ProtocolFeature.MTU,
         }
 
     # ------------------------------------------------------------------
@@ -379,6 +382,16 @@ class DeviceRequestHandler(Backend):
         self.status = status
         return None
 
+    def _net_set_mtu(self, msg: Message) -> None:
+        """NET_SET_MTU (net devices that offer protocol MTU): a refusal is a
+        failure ack, after which QEMU does not start the rings."""
+        mtu = decode_u64(msg.request, msg.payload)
+        try:
+            self.device.set_mtu(mtu)
+        except ValueError as e:
+            raise RequestRefused(f"NET_SET_MTU: {e}") from e
+        return None
+
     def _get_queue_num(self, msg: Message) -> Reply:
         return encode_u64(self.num_queues), []
 
@@ -498,6 +511,7 @@ class DeviceRequestHandler(Backend):
         if state.num not in (0, 1):
             raise ProtocolError(f"SET_VRING_ENABLE: value {state.num} for vring {state.index} is not 0 or 1")
         queue.enabled = bool(state.num)
+        self.device.set_queue_enabled(state.index, queue.enabled)
         return None
 
     # ------------------------------------------------------------------

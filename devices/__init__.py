@@ -9,6 +9,7 @@ from __future__ import annotations
 from .base import ConfigError, DeviceBuilder
 from .block import BlockBuilder, BlockDevice
 from .console import ConsoleBuilder, ConsoleDevice
+from .net import NetBuilder, NetDevice
 from .rng import RngBuilder, RngDevice
 
 #: device type -> builder class (``Builder.from_options(name, options)``).
@@ -16,7 +17,9 @@ BUILDERS: dict[str, type[DeviceBuilder]] = {
     "block": BlockBuilder,
     "console": ConsoleBuilder,
     "rng": RngBuilder,
+    "net": NetBuilder,
 }
 
 __all__ = ["BUILDERS", "ConfigError", "DeviceBuilder", "BlockBuilder", "BlockDevice",
-           "ConsoleBuilder", "ConsoleDevice", "RngBuilder", "RngDevice"]
+           "ConsoleBuilder", "ConsoleDevice", "NetBuilder", "NetDevice",
+           "RngBuilder", "RngDevice"]

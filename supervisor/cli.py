@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--serial", dest="serial", action=_DeviceFlag, metavar="vhost=PATH,type=TYPE[,...]",
                      help="a console device (type=file|stdout|sink|unix, path=, input=); repeatable")
     run.add_argument("--rng", dest="rng", action=_DeviceFlag, metavar="vhost=PATH", help="an rng device; repeatable")
+    run.add_argument("--net", dest="net", action=_DeviceFlag, metavar="vhost=PATH,tap-name=NAME[,...]",
+                     help="a net device on a tap (tap-fd=, mac=, mtu=, num-queues=); repeatable")
     run.add_argument("--jail", action="append", default=[],
                      metavar="pivot-root=DIR,seccomp-policy-dir=DIR,seccomp-log-failures=BOOL")
     run.add_argument("--disable-sandbox", action="store_true", default=None,

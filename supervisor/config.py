@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 #: Device types and the CLI flag that declares each (crosvm's names).
-FLAG_TYPES = {"block": "block", "serial": "console", "rng": "rng"}
-TYPE_ALIASES = {"block": "block", "console": "console", "serial": "console", "rng": "rng"}
+FLAG_TYPES = {"block": "block", "serial": "console", "rng": "rng", "net": "net"}
+TYPE_ALIASES = {"block": "block", "console": "console", "serial": "console", "rng": "rng", "net": "net"}
 RESTART_POLICIES = ("always", "on-failure", "never")
 #: Keys the supervisor consumes; every other key is the device's (checked by its builder).
 SUPERVISOR_DEVICE_KEYS = ("vhost", "name", "restart", "jail-user")
@@ -60,7 +60,7 @@ class DeviceSpec:
     """One device as configured: what the supervisor needs to (re)start it."""
 
     name: str
-    type: str                      # "block" | "console" | "rng"
+    type: str                      # "block" | "console" | "rng" | "net"
     socket: str                    # absolute path of the vhost-user socket
     options: dict[str, str]        # device keys, handed to Builder.from_options
     restart: str = "always"
@@ -260,10 +260,10 @@ def load_toml(path: str, cfg: SupervisorConfig | None = None) -> SupervisorConfi
         opts = dict(entry)
         dtype_raw = opts.pop("type", None)
         if dtype_raw is None:
-            raise ConfigError("is required (block, console or rng)", "type", str(opts.get("name") or origin))
+            raise ConfigError("is required (block, console, rng or net)", "type", str(opts.get("name") or origin))
         dtype = TYPE_ALIASES.get(str(dtype_raw))
         if dtype is None:
-            raise ConfigError(f"{dtype_raw!r} is not one of block, console, rng", "type", str(opts.get("name") or origin))
+            raise ConfigError(f"{dtype_raw!r} is not one of block, console, rng, net", "type", str(opts.get("name") or origin))
         idx = counters.get(dtype, 0)
         counters[dtype] = idx + 1
         cfg.devices.append(_device_from_options(dtype, opts, origin, idx))
