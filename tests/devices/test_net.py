@@ -21,7 +21,7 @@ from devices import net as netdev
 from devices import tap as taplib
 from devices.base import ConfigError
 from devices.net import NetBuilder
-from tests.netns import NetNs, icmp_echo_frame, packet_socket, udp_frame
+from tests.netns import HDR, NetDriver, NetNs, icmp_echo_frame, packet_socket, udp_frame
 
 MiB = 1 << 20
 TAP = "vhtap0"
@@ -31,7 +31,6 @@ RING = (int(VirtioFeature.VERSION_1 | VirtioFeature.RING_EVENT_IDX | VirtioFeatu
             | VirtioFeature.PROTOCOL_FEATURES))
 ALL = (RING | netdev.F_MRG_RXBUF | netdev.F_CSUM | netdev.F_GUEST_CSUM | netdev.F_HOST_TSO4
        | netdev.F_HOST_TSO6 | netdev.F_GUEST_TSO4 | netdev.F_GUEST_TSO6 | netdev.F_STATUS | netdev.F_MTU)
-HDR = struct.Struct("<BBHHHHH")
 
 
 @pytest.fixture
@@ -42,80 +41,6 @@ def ns():
             yield space
     finally:
         space.close()
-
-
-class NetDriver:
-    """receiveq0/transmitq0 of a connected front-end."""
-
-    def __init__(self, fe: VhostUserFrontend, size: int = 256) -> None:
-        self.fe = fe
-        self.rx = fe.setup_queue(0, size)
-        self.tx = fe.setup_queue(1, size)
-        self.mrg = bool(fe.acked_features & netdev.F_MRG_RXBUF)
-        self.bufs: dict[int, tuple[int, memoryview]] = {}
-        self.pending: list[bytes] = []
-
-    def post(self, n: int, size: int = 2048) -> None:
-        for _ in range(n):
-            gpa, view = self.rx.alloc(size)
-            head = self.rx.submit([], [(gpa, size)])
-            self.bufs[head] = (gpa, view)
-        self.rx.kick()
-
-    def repost(self, head: int) -> None:
-        gpa, view = self.bufs.pop(head)
-        new = self.rx.submit([], [(gpa, len(view))])
-        self.bufs[new] = (gpa, view)
-
-    def _next(self, deadline: float) -> bytes:
-        """The next used rx buffer's bytes.  A whole batch is copied out
-        before any buffer is reposted: a reposted chain may take the
-        descriptor (and so the head number) of a completion not yet read."""
-        if not self.pending:
-            batch = self.rx.wait_used(max(0.01, deadline - time.monotonic()))
-            self.pending.extend(bytes(self.bufs[h][1][:n]) for h, n in batch)
-            for h, _ in batch:
-                self.repost(h)
-            self.rx.kick()
-        return self.pending.pop(0)
-
-    def frames(self, count: int, timeout: float = 5.0, match=lambda f: True) -> list[tuple[tuple, bytes]]:
-        """``count`` received frames as (header fields, frame); frames
-        ``match`` rejects are skipped."""
-        out = []
-        deadline = time.monotonic() + timeout
-        while len(out) < count:
-            data = self._next(deadline)
-            hdr = HDR.unpack_from(data)
-            for _ in range(hdr[6] - 1 if self.mrg else 0):
-                data += self._next(deadline)
-            if match(data[12:]):
-                out.append((hdr, data[12:]))
-        return out
-
-    def send(self, frame: bytes, hdr: bytes | None = None, *, split_at: int | None = None,
-             writable: int = 0) -> int:
-        """One tx chain; returns its used length (0 for every tx chain)."""
-        data = (hdr if hdr is not None else bytes(12)) + frame
-        readable = []
-        if split_at is None:
-            gpa, view = self.tx.alloc(len(data))
-            view[:] = data
-            readable.append((gpa, len(data)))
-        else:
-            for part in (data[:split_at], data[split_at:]):
-                gpa, view = self.tx.alloc(len(part))
-                view[:] = part
-                readable.append((gpa, len(part)))
-        w = []
-        if writable:
-            gpa, _ = self.tx.alloc(writable)
-            w.append((gpa, writable))
-        self.tx.submit(readable, w)
-        self.tx.kick()
-        done = self.tx.wait_used(5)
-        assert len(done) == 1
-        return done[0][1]
 
 
 def start(ns, run_device, options=None, features=ALL, size=256):
