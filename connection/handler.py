@@ -121,6 +121,7 @@ class DeviceRequestHandler(Backend):
         self.owned = False
         self.acked_features = 0
         self.acked_protocol_features = 0
+        self._protocol_set = False   # SET_PROTOCOL_FEATURES seen on this connection
         self.status = 0
         self.inflight: InflightRegion | None = None
         self._dispatch: dict[int, Callable[[Message], Reply | None]] = {
@@ -210,6 +211,7 @@ class DeviceRequestHandler(Backend):
         self.owned = False
         self.acked_features = 0
         self.acked_protocol_features = 0
+        self._protocol_set = False
         self.status = 0
 
     # ------------------------------------------------------------------
@@ -326,6 +328,7 @@ class DeviceRequestHandler(Backend):
             raise ProtocolError(f"SET_FEATURES: device refused features {features:#x}: {e}") from e
         self.acked_features = features
         if not features & _F_PROTOCOL_FEATURES:
+            self._protocol_set = False   # bit 30 not acked after all: no SET_VRING_ENABLE
             for queue in self.queues:
                 queue.enabled = True
         return None
@@ -354,6 +357,7 @@ class DeviceRequestHandler(Backend):
             raise ProtocolError(f"SET_PROTOCOL_FEATURES: bits {unknown:#x} were not offered "
                                 f"(features {features:#x}, offered {self.offered_protocol_features():#x})")
         self.acked_protocol_features = features
+        self._protocol_set = True
         return None
 
     def _reset_rings_and_device(self) -> None:
@@ -505,8 +509,11 @@ class DeviceRequestHandler(Backend):
 
     def _set_vring_enable(self, msg: Message) -> None:
         state = decode_vring_state(msg.payload)
-        if not self.acked_features & _F_PROTOCOL_FEATURES:
-            raise ProtocolError("SET_VRING_ENABLE: VHOST_USER_F_PROTOCOL_FEATURES not acked in SET_FEATURES")
+        # QEMU's net device sends it before SET_FEATURES (at init, for every
+        # pair), so a SET_PROTOCOL_FEATURES not yet followed by a SET_FEATURES
+        # without bit 30 also counts.
+        if not self.acked_features & _F_PROTOCOL_FEATURES and not self._protocol_set:
+            raise ProtocolError("SET_VRING_ENABLE: VHOST_USER_F_PROTOCOL_FEATURES not negotiated")
         queue = self._queue(msg, state.index)
         if state.num not in (0, 1):
             raise ProtocolError(f"SET_VRING_ENABLE: value {state.num} for vring {state.index} is not 0 or 1")
