@@ -225,13 +225,14 @@ class NetDevice(QueueTaskDevice):
 
     def start_queue(self, index: int, queue: Any, mem: Any) -> None:
         pair = self.pairs[index // 2]
+        # _spawn stops an older task first (stop_queue), then the pair takes the queue.
         if index % 2 == 0:
             queue.poll_max_ns = 0   # rx waits for buffers rarely; never busy-poll for them
-            pair.rx_queue = queue
             self._spawn(index, queue, self._serve_rx(pair, queue))
+            pair.rx_queue = queue
         else:
-            pair.tx_queue = queue
             self._spawn(index, queue, self._serve_tx(pair, queue))
+            pair.tx_queue = queue
 
     def stop_queue(self, index: int) -> None:
         super().stop_queue(index)
