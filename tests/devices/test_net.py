@@ -335,3 +335,35 @@ def test_net_set_mtu(ns, run_device):
     with pytest.raises(Exception, match="NET_SET_MTU|failure|refused"):
         fe.request(FrontendReq.NET_SET_MTU, encode_u64(9000))
     fe.close()
+
+
+def test_qemu_init_order_enable_before_set_features(ns, run_device):
+    """QEMU's net device sends SET_VRING_ENABLE for every pair at init,
+    before SET_FEATURES; the rx ring then serves only once enabled."""
+    from connection.protocol import FrontendReq, encode_u64, encode_vring_state
+    builder = NetBuilder.from_options("net0", {"tap-name": TAP, "mtu": "1500"})
+    dev = run_device(builder)
+    fe = VhostUserFrontend.connect(dev.path)
+    fe.negotiate(ALL, int(DRIVER_PROTOCOL_FEATURES | ProtocolFeature.MTU), set_features=False)
+    fe.request(FrontendReq.SET_VRING_ENABLE, encode_vring_state(0, 0))
+    fe.request(FrontendReq.SET_VRING_ENABLE, encode_vring_state(1, 1))
+    fe.request(FrontendReq.SET_FEATURES, encode_u64(ALL))
+    fe.acked_features = ALL
+    fe.setup_memory(16 * MiB)
+    drv = NetDriver(fe, 64)     # setup_queue enables both rings at the end
+    drv.post(16)
+    sock = packet_socket(TAP)
+    try:
+        inject, _, _ = udp_frame("02:00:00:00:00:01", GUEST_MAC, HOST_IP, GUEST_IP, 5, 6, b"order")
+        sock.send(inject)
+        drv.frames(1, match=lambda f: f == inject)
+        fe.enable_queue(0, False)   # disabled: the tap is no longer read
+        time.sleep(0.2)
+        sock.send(inject)
+        time.sleep(0.3)
+        assert not drv.rx.poll_used()
+        fe.enable_queue(0, True)
+        drv.frames(1, match=lambda f: f == inject)
+    finally:
+        sock.close()
+        fe.close()
