@@ -27,9 +27,10 @@ the device may offer.  The jailed child (``NetDevice``) only moves frames:
 Counters (``NetDevice.stats``) name every drop and error; the first of
 each kind is logged, later ones at powers of two.
 
-Not built yet: VIRTIO_NET_F_MQ is offered with ``num-queues`` > 1, but the
-tap queues of pairs the guest disables are not detached (TUNSETQUEUE), so
-steering can still pick them; see docs/operations.md.
+Multiqueue (``num-queues`` > 1, VIRTIO_NET_F_MQ): one tap queue fd per
+pair; the tap queue of a pair whose rx ring the front-end disables
+(SET_VRING_ENABLE 0, QEMU's VQ_PAIRS_SET) is detached with TUNSETQUEUE, so
+the kernel steers no flow to it, and attached again when it is enabled.
 """
 
 from __future__ import annotations
@@ -235,6 +236,7 @@ class NetDevice(QueueTaskDevice):
         # _spawn stops an older task first (stop_queue), then the pair takes the queue.
         if index % 2 == 0:
             queue.poll_max_ns = 0   # rx waits for buffers rarely; never busy-poll for them
+            self.set_queue_enabled(index, queue.enabled)   # the tap queue follows the ring
             self._spawn(index, queue, self._serve_rx(pair, queue))
             pair.rx_queue = queue
         else:
@@ -274,8 +276,22 @@ class NetDevice(QueueTaskDevice):
             p.tx_held = None
 
     def set_queue_enabled(self, index: int, enabled: bool) -> None:
-        if enabled and index % 2 == 0 and index // 2 < len(self.pairs):
-            w = self.pairs[index // 2].enabled_waiter
+        if index // 2 >= len(self.pairs) or index % 2:
+            return
+        p = self.pairs[index // 2]
+        if len(self.pairs) > 1:
+            # The kernel steers flows over the attached queues only: a pair
+            # the guest does not use must not receive any (QEMU's peer_detach).
+            # The state lives on the parent's open file, across children, so
+            # it is set every time; EINVAL means it already was.
+            try:
+                taplib.set_queue_attached(p.fd, enabled)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    self._count("tap_queue_errors", f"{'attach' if enabled else 'detach'} pair {p.index}: "
+                                                    f"{exc.strerror}")
+        if enabled:
+            w = p.enabled_waiter
             if w is not None and not w.done():
                 w.set_result(None)
 

@@ -128,6 +128,13 @@ def set_offload(fd: int, offloads: int) -> None:
     fcntl.ioctl(fd, TUNSETOFFLOAD, offloads)
 
 
+def set_queue_attached(fd: int, attached: bool) -> None:
+    """TUNSETQUEUE: take this queue fd in or out of the tap's steering
+    (multi-queue taps only; needs no capability on an attached fd)."""
+    flags = IFF_ATTACH_QUEUE if attached else IFF_DETACH_QUEUE
+    fcntl.ioctl(fd, TUNSETQUEUE, _IFREQ_FLAGS.pack(b"", flags))
+
+
 def _link_ioctl(name: str, request: int, packer: struct.Struct, value: int) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
         out = fcntl.ioctl(s.fileno(), request, packer.pack(name.encode(), value))

@@ -367,3 +367,44 @@ def test_qemu_init_order_enable_before_set_features(ns, run_device):
     finally:
         sock.close()
         fe.close()
+
+
+def test_multiqueue_disabled_pair_is_detached_from_the_tap(ns, run_device):
+    """Two pairs, the second disabled (as QEMU does until VQ_PAIRS_SET): its
+    tap queue is detached, so every flow arrives on pair 0; enabled again,
+    the kernel spreads flows over both."""
+    builder, fe, drv = start(ns, run_device, {"num-queues": "2"},
+                             features=ALL | netdev.F_MQ)
+    assert fe.acked_features & netdev.F_MQ
+    rx1, tx1 = fe.setup_queue(2, 64), fe.setup_queue(3, 64)
+    bufs1 = {}
+    for _ in range(64):
+        gpa, view = rx1.alloc(2048)
+        bufs1[rx1.submit([], [(gpa, 2048)])] = view
+    rx1.kick()
+    drv.post(128)
+    sock = packet_socket(TAP)
+
+    def flows(n: int) -> list[bytes]:
+        return [udp_frame("02:00:00:00:00:01", GUEST_MAC, HOST_IP, GUEST_IP, 10000 + i, 7, b"mq")[0]
+                for i in range(n)]
+    try:
+        fe.enable_queue(2, False)
+        fe.enable_queue(3, False)
+        for f in flows(40):
+            sock.send(f)
+        drv.frames(40, match=lambda f: f[36:38] == b"\x00\x07")
+        assert not rx1.poll_used(), "a frame was steered to the disabled pair"
+        fe.enable_queue(2, True)
+        fe.enable_queue(3, True)
+        for f in flows(40):
+            sock.send(f)
+        time.sleep(0.5)
+        on1 = len(rx1.poll_used())
+        on0 = 0
+        while on0 + on1 < 40:
+            on0 += len(drv.frames(1, match=lambda f: f[36:38] == b"\x00\x07"))
+        assert on1 > 0 and on0 > 0, (on0, on1)
+    finally:
+        sock.close()
+        fe.close()
