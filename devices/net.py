@@ -252,6 +252,11 @@ class NetDevice(QueueTaskDevice):
         loop = self.ex.loop
         if index % 2 == 0:
             q, p.rx_queue = p.rx_queue, None
+            # No reader callback (registered or already scheduled) runs a
+            # drain after this: it finds no stall future to report to.
+            stall, p.rx_stall = p.rx_stall, None
+            if stall is not None and not stall.done():
+                stall.cancel()
             if not loop.is_closed():
                 loop.remove_reader(p.fd)
             # Buffers taken for a frame go back empty (the guest counts a
@@ -342,21 +347,26 @@ class NetDevice(QueueTaskDevice):
         while queue.started and not queue.broken:
             if not queue.enabled:
                 # "must not supply any new RX packets": the tap is not read.
-                p.enabled_waiter = loop.create_future()
-                if not queue.enabled:
-                    await p.enabled_waiter
-                p.enabled_waiter = None
+                waiter = p.enabled_waiter = loop.create_future()
+                try:
+                    if not queue.enabled:
+                        await waiter
+                finally:
+                    if p.enabled_waiter is waiter:
+                        p.enabled_waiter = None
                 continue
-            p.rx_stall = loop.create_future()
+            stall = p.rx_stall = loop.create_future()
             loop.add_reader(p.fd, self._rx_ready, p, queue)
             if p.rx_pending:   # a frame held across the stall: deliver it even if the tap is empty
                 loop.call_soon(self._rx_ready, p, queue)
             try:
-                state = await p.rx_stall
+                state = await stall
             finally:
-                p.rx_stall = None
-                if not loop.is_closed():
-                    loop.remove_reader(p.fd)
+                # (a restarted queue's new task may own the reader by now)
+                if p.rx_stall is stall:
+                    p.rx_stall = None
+                    if not loop.is_closed():
+                        loop.remove_reader(p.fd)
             if state == _WAIT_BUFFERS:
                 self.stats["rx_no_buffers"] += 1
                 if not await queue.wait_kick():
@@ -368,7 +378,7 @@ class NetDevice(QueueTaskDevice):
         """The tap is readable: drain it; hand anything but "tap empty" or
         "batch done" (the callback runs again next loop turn) to the task."""
         stall = p.rx_stall
-        if stall is None or stall.done():
+        if stall is None or stall.done() or queue is not p.rx_queue:
             return
         try:
             state = self._rx_drain(p, queue)
