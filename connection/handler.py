@@ -122,6 +122,9 @@ class DeviceRequestHandler(Backend):
         self.acked_features = 0
         self.acked_protocol_features = 0
         self._protocol_set = False   # SET_PROTOCOL_FEATURES seen on this connection
+        #: Regions REM_MEM_REG removed on this connection (gpa, uaddr, size), so a
+        #: second vhost_dev removing the same one is not an error (see _rem_mem_reg).
+        self._removed: dict[tuple[int, int, int], None] = {}
         self.status = 0
         self.inflight: InflightRegion | None = None
         self._dispatch: dict[int, Callable[[Message], Reply | None]] = {
@@ -212,6 +215,7 @@ class DeviceRequestHandler(Backend):
         self.acked_features = 0
         self.acked_protocol_features = 0
         self._protocol_set = False
+        self._removed.clear()
         self.status = 0
 
     # ------------------------------------------------------------------
@@ -422,13 +426,27 @@ class DeviceRequestHandler(Backend):
 
     def _add_mem_reg(self, msg: Message) -> None:
         region = decode_single_region(msg.payload)
+        if any(r.matches(region) and r.mmap_offset == region.mmap_offset for r in self.mem.regions):
+            # QEMU's multiqueue net runs one vhost_dev per queue pair on one
+            # socket, each with its own region list: pair 1 adds what pair 0
+            # added.  The same region again is a no-op (its fd is closed).
+            os.close(msg.take_fd())
+            return None
         self.mem.add_region(region, msg.take_fd())
         self._remap_queues()
         return None
 
     def _rem_mem_reg(self, msg: Message) -> None:
         region = decode_single_region(msg.payload)
+        key = (region.guest_phys_addr, region.userspace_addr, region.memory_size)
+        if key in self._removed and not any(r.matches(region) for r in self.mem.regions):
+            # ... and removes what pair 0 already removed (see _add_mem_reg);
+            # a region never added is still refused.
+            return None
         self.mem.remove_region(region)
+        self._removed[key] = None
+        while len(self._removed) > MAX_MEM_SLOTS:   # bounded: forget the oldest
+            del self._removed[next(iter(self._removed))]
         self._remap_queues()
         return None
 
