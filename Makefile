@@ -52,6 +52,7 @@ bench: setup
 	$(PY) -m benchmarks.supervisor
 	$(PY) -m benchmarks.jail
 	$(PY) -m benchmarks.guest_fio
+	$(PY) -m benchmarks.net
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

@@ -80,3 +80,48 @@ def test_jailed_net_device_moves_frames_and_survives_sigkill(ns, sup: Supervisor
     assert sup.terminate() == 0
     log = sup.read_log()
     assert "seccomp-violation" not in log, log
+
+
+def test_jailed_net_child_survives_a_hostile_guest(ns, sup: SupervisorProc) -> None:
+    """Absurd vnet headers, short and over-sized chains, rx chains without a
+    writable byte: each is a counted drop in the jailed child, which stays
+    up (same pid, no seccomp kill) and keeps moving frames."""
+    from tests.netns import HDR
+    path = sup.path("net.sock")
+    sup.start("--net", f"vhost={path},tap-name={TAP},mtu=1500")
+    pid = sup.status()["net-0"]["pid"]
+    ns.ip("addr", "add", "10.78.0.1/24", "dev", TAP)
+    sock = packet_socket(TAP)
+    fe = VhostUserFrontend.connect(path)
+    try:
+        fe.negotiate(None, int(DRIVER_PROTOCOL_FEATURES | ProtocolFeature.MTU))
+        fe.setup_memory(16 * MiB)
+        drv = NetDriver(fe, 64)
+        good, cs, co = udp_frame(GUEST_MAC, "ff:ff:ff:ff:ff:ff", "10.78.0.2", "10.78.0.255", 1, 2, b"ok")
+        for hdr, frame in [(HDR.pack(1, 1, 0, 0, cs, co, 0), good), (HDR.pack(1, 4, 0, 65535, cs, co, 0), good),
+                           (HDR.pack(1, 0, 0, 0, 60000, 60000, 0), good), (HDR.pack(0xFF, 0xFF, 0xFFFF, 0xFFFF, 0xFFFF,
+                                                                                 0xFFFF, 0xFFFF), good),
+                           (bytes(3), b""), (bytes(12), b"\0" * 69000), (bytes(12), good + bytes(3000))]:
+            assert drv.send(frame, hdr) == 0
+        gpa, _ = drv.rx.alloc(64)
+        bad = drv.rx.submit([(gpa, 64)], [])    # an rx chain with nothing writable
+        drv.rx.kick()
+        back, _, _ = udp_frame("02:00:00:00:00:01", GUEST_MAC, "10.78.0.1", "10.78.0.2", 3, 4, b"still-here")
+        sock.send(back)                          # the device takes the bad chain for it
+        assert drv.rx.wait_used(5) == [(bad, 0)]  # ... and gives it back empty
+        drv.post(16)
+        drv.frames(1, match=lambda f: f == back)
+        drv.send(good)
+        while sock.recv(4096) != good:
+            pass
+        assert not drv.tx.broken() and not drv.rx.broken()
+    finally:
+        sock.close()
+        fe.close()
+    d = sup.wait_state("net-0", "ready", pred=lambda x: x["restarts"] >= 1)
+    assert d["last_exit"]["kind"] == "disconnected", d["last_exit"]   # ended with the front-end, not a crash
+    assert pid not in (d["pid"],)
+    log = sup.read_log()
+    assert "tx_dropped_bad_header" in log and "rx_bad_buffers" in log, log
+    assert "seccomp-violation" not in log and "Traceback" not in log, log
+    assert sup.terminate() == 0
