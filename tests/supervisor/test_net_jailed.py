@@ -125,3 +125,35 @@ def test_jailed_net_child_survives_a_hostile_guest(ns, sup: SupervisorProc) -> N
     assert "tx_dropped_bad_header" in log and "rx_bad_buffers" in log, log
     assert "seccomp-violation" not in log and "Traceback" not in log, log
     assert sup.terminate() == 0
+
+
+def test_net_config_forms(ns, sup_dir: str) -> None:
+    """--net and the TOML form give the same device; the builder opens the
+    tap (in the test's namespace) and names a bad key."""
+    from supervisor.config import ConfigError, build_config, open_builders
+    toml = os.path.join(sup_dir, "net.toml")
+    with open(toml, "w") as f:
+        f.write(f"""
+[[device]]
+type = "net"
+name = "lan"
+vhost = "{sup_dir}/lan.sock"
+tap-name = "vhcfg0"
+mtu = 1400
+num-queues = 2
+""")
+    cfg = build_config(config_file=toml, control_socket=f"{sup_dir}/ctl.sock",
+                       ordered_flags=[("net", f"vhost={sup_dir}/n.sock,tap-name=vhcfg1,mac=52:54:00:00:00:01")])
+    assert [(d.name, d.type) for d in cfg.devices] == [("lan", "net"), ("net-1", "net")]
+    assert cfg.devices[0].options == {"tap-name": "vhcfg0", "mtu": "1400", "num-queues": "2"}
+    builders = open_builders(cfg)
+    try:
+        assert len(builders["lan"].keep_fds()) == 2 and builders["lan"].tap.mtu == 1400
+        assert builders["net-1"].mac == bytes.fromhex("525400000001")
+    finally:
+        for b in builders.values():
+            b.close()
+    bad = build_config(control_socket=f"{sup_dir}/ctl.sock",
+                       ordered_flags=[("net", f"vhost={sup_dir}/n.sock,tap-name=vhcfg1,mtu=9")])
+    with pytest.raises(ConfigError, match="device 'net-0'.*mtu=9"):
+        open_builders(bad)
