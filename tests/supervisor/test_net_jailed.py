@@ -155,5 +155,5 @@ num-queues = 2
             b.close()
     bad = build_config(control_socket=f"{sup_dir}/ctl.sock",
                        ordered_flags=[("net", f"vhost={sup_dir}/n.sock,tap-name=vhcfg1,mtu=9")])
-    with pytest.raises(ConfigError, match="device 'net-0'.*mtu=9"):
+    with pytest.raises(ConfigError, match="device 'net-0': mtu='9' is outside"):
         open_builders(bad)
