@@ -19,6 +19,7 @@ and, through our device only, DPDK testpmd (`net_virtio_user`) txonly packets/s 
 Under TCG the guest's emulated CPU dominates; read the ratios.
 
     python -m benchmarks.net [--runs 2] [--mib 64] [--no-testpmd]
+    python -m benchmarks.net --host-rr      # the device's own round trip, no guest
 """
 
 from __future__ import annotations
@@ -211,13 +212,72 @@ def testpmd_txonly(seconds: float = 3.0) -> float:
         ns.close()
 
 
+def host_rr(count: int = 3000) -> tuple[float, float]:
+    """ICMP echo round trips through the device alone (no QEMU, no guest): the
+    front-end driver sends an echo request on transmitq0 and waits for the
+    reply on receiveq0; the device runs unjailed in a forked child.  Returns
+    (median, mean) in microseconds, the first 200 round trips left out."""
+    import os
+
+    from connection.connection import VhostUserListener
+    from connection.executor import Executor
+    from connection.frontend import DRIVER_PROTOCOL_FEATURES, VhostUserFrontend
+    from connection.protocol import VirtioFeature as VF
+    from devices import net as netdev
+    from tests.netns import NetDriver, icmp_echo_frame
+
+    ns = NetNs("vhbench")
+    try:
+        with ns.entered():
+            builder = netdev.NetBuilder.from_options("rr", {"tap-name": TAP})
+            ns.ip("addr", "add", f"{HOST_IP}/24", "dev", TAP)
+            ns.ip("neigh", "add", GUEST_IP, "lladdr", GUEST_MAC, "dev", TAP)
+            sock = tempfile.mktemp(prefix="bnet-rr-", dir="/tmp")
+            listener = VhostUserListener(sock)
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    listener.run_device(Executor(), builder)
+                finally:
+                    os._exit(0)
+            fe = VhostUserFrontend.connect(sock)
+            feats = (int(VF.VERSION_1 | VF.RING_EVENT_IDX | VF.PROTOCOL_FEATURES) | netdev.F_MRG_RXBUF
+                     | netdev.F_CSUM | netdev.F_GUEST_CSUM)
+            fe.negotiate(feats, int(DRIVER_PROTOCOL_FEATURES))
+            fe.setup_memory(16 * MiB)
+            drv = NetDriver(fe, 256)
+            drv.post(128)
+            mac = json.loads(ns.ip("-j", "link", "show", TAP).stdout)[0]["address"]
+            times = []
+            for i in range(count):
+                frame = icmp_echo_frame(GUEST_MAC, mac, GUEST_IP, HOST_IP, 7, i & 0xFFFF)
+                t0 = time.perf_counter()
+                drv.send(frame)
+                drv.frames(1, match=lambda f: f[12:14] == b"\x08\x00" and f[23] == 1)
+                times.append(time.perf_counter() - t0)
+            fe.close()
+            os.waitpid(pid, 0)
+            listener.close()
+            builder.close()
+    finally:
+        ns.close()
+    times = times[200:]
+    return statistics.median(times) * 1e6, statistics.mean(times) * 1e6
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--no-testpmd", action="store_true")
+    ap.add_argument("--host-rr", action="store_true", help="only the device's own round-trip time")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.host_rr:
+        med, mean = host_rr()
+        print(f"ICMP echo through the device alone (driver -> tx -> tap -> rx -> driver): "
+              f"median {med:.1f} us, mean {mean:.1f} us")
+        return 0
     kernel = ensure_kernel()
     initrd = base_initramfs(kernel, DEFAULT_MODULES + ["virtio_net"])
     accel = choose_accel(kernel)
