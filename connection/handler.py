@@ -536,7 +536,10 @@ class DeviceRequestHandler(Backend):
         if state.num not in (0, 1):
             raise ProtocolError(f"SET_VRING_ENABLE: value {state.num} for vring {state.index} is not 0 or 1")
         queue.enabled = bool(state.num)
-        self.device.set_queue_enabled(state.index, queue.enabled)
+        try:
+            self.device.set_queue_enabled(state.index, queue.enabled)
+        except Exception:  # a device bug must not end the connection
+            log.exception("device set_queue_enabled(%d, %s) failed", state.index, queue.enabled)
         return None
 
     # ------------------------------------------------------------------
