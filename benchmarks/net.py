@@ -186,7 +186,7 @@ def run_once(backend: str, kernel, initrd: Path, accel: str, mib: int) -> dict[s
 
 def testpmd_txonly(seconds: float = 3.0) -> float:
     """Packets/s testpmd's txonly pushes through our jailed device to the tap."""
-    from tests.e2e.test_net_dpdk import PmdSession, _stat
+    from tests.e2e.test_net_dpdk import PmdSession
     ns = NetNs("vhbench")
     workdir = Path(tempfile.mkdtemp(prefix="bnet-", dir="/tmp"))
     sup = pmd = None

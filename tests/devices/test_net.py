@@ -376,7 +376,8 @@ def test_multiqueue_disabled_pair_is_detached_from_the_tap(ns, run_device):
     builder, fe, drv = start(ns, run_device, {"num-queues": "2"},
                              features=ALL | netdev.F_MQ)
     assert fe.acked_features & netdev.F_MQ
-    rx1, tx1 = fe.setup_queue(2, 64), fe.setup_queue(3, 64)
+    rx1 = fe.setup_queue(2, 64)
+    fe.setup_queue(3, 64)
     bufs1 = {}
     for _ in range(64):
         gpa, view = rx1.alloc(2048)
