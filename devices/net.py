@@ -109,7 +109,7 @@ MAX_PAIRS = 16
 #: tx ring polling bound (µs).  0 by default: the loop is single-threaded, so
 #: polling the tx ring delays the tap's replies by up to the window; ping -A
 #: went from 0.67 to 0.43 ms round trips with 0 (benchmarks/README.md, net).
-DEFAULT_POLL_US = int(os.environ.get("VHOST_NET_POLL_US", "0"))
+DEFAULT_POLL_US = 0
 
 _RING_FEATURES = int(VirtioFeature.VERSION_1 | VirtioFeature.RING_INDIRECT_DESC
                      | VirtioFeature.RING_EVENT_IDX)
