@@ -18,7 +18,7 @@ and, through our device only, DPDK testpmd (`net_virtio_user`) txonly packets/s 
 
 Under TCG the guest's emulated CPU dominates; read the ratios.
 
-    python -m benchmarks.net [--runs 2] [--mib 64] [--no-testpmd]
+    python -m benchmarks.net [--runs 2] [--mib 64] [--no-testpmd] [--poll-us N]
     python -m benchmarks.net --host-rr      # the device's own round trip, no guest
 """
 
@@ -129,7 +129,7 @@ def _blast(seconds: float) -> int:
     return sent
 
 
-def run_once(backend: str, kernel, initrd: Path, accel: str, mib: int) -> dict[str, float]:
+def run_once(backend: str, kernel, initrd: Path, accel: str, mib: int, poll_us: int = 0) -> dict[str, float]:
     ns = NetNs("vhbench")
     workdir = Path(tempfile.mkdtemp(prefix="bnet-", dir="/tmp"))
     sup = q = None
@@ -138,7 +138,7 @@ def run_once(backend: str, kernel, initrd: Path, accel: str, mib: int) -> dict[s
             q = Qemu(kernel, workdir, accel=accel, base_initrd=initrd, mem_mb=512, name=backend)
             if backend == "ours":
                 sock = workdir / "net.sock"
-                sup = Supervisor(workdir, ["--net", f"vhost={sock},tap-name={TAP},name=net0"],
+                sup = Supervisor(workdir, ["--net", f"vhost={sock},tap-name={TAP},name=net0,poll-us={poll_us}"],
                                  workdir / "supervisor.log")
                 sup.start([sock])
                 q.attach(sup)
@@ -271,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mib", type=int, default=64)
     ap.add_argument("--no-testpmd", action="store_true")
     ap.add_argument("--host-rr", action="store_true", help="only the device's own round-trip time")
+    ap.add_argument("--poll-us", type=int, default=0, help="our device's poll-us= (tx ring polling bound)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if args.host_rr:
@@ -284,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, list[dict[str, float]]] = {"ours": [], "qemu": []}
     for _ in range(args.runs):
         for backend in ("ours", "qemu"):   # alternating, so host drift hits both
-            results[backend].append(run_once(backend, kernel, initrd, accel, args.mib))
+            results[backend].append(run_once(backend, kernel, initrd, accel, args.mib, args.poll_us))
     keys = list(results["ours"][0])
     print(f"\nguest network, {accel}, {args.runs} runs each, medians (ours = jailed net child; "
           f"qemu = -netdev tap,vhost=off)")
