@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 APT_PACKAGES := libcap-dev libseccomp2 qemu-system-x86 qemu-system-common qemu-utils \
-                busybox-static cpio zstd xz-utils fio
+                busybox-static cpio zstd xz-utils fio iproute2 dpdk-dev librte-net-virtio23 librte-mempool-ring23
 PYTEST_FLAGS ?=
 
 .PHONY: all setup system-packages demo test check conformance e2e security bench clean
@@ -66,6 +66,7 @@ bench: setup
 	$(PY) -m benchmarks.supervisor
 	$(PY) -m benchmarks.jail
 	$(PY) -m benchmarks.guest_fio
+	$(PY) -m benchmarks.net
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info

@@ -59,6 +59,15 @@ class VhostUserDevice(abc.ABC):
         """Stop serving queue ``index``: no guest memory access after this
         returns.  Completed requests must have been flushed to the used ring."""
 
+    def set_queue_enabled(self, index: int, enabled: bool) -> None:
+        """SET_VRING_ENABLE changed ring ``index`` (started or not); a net
+        device stops supplying rx packets on a disabled ring."""
+
+    def set_mtu(self, mtu: int) -> None:
+        """NET_SET_MTU (only with protocol feature MTU, which a device
+        offers in ``protocol_features``); ``ValueError`` refuses it."""
+        raise ValueError(f"device does not take an MTU ({mtu})")
+
     def reset(self) -> None:
         """Return to the state right after build (RESET_DEVICE/RESET_OWNER);
         every queue has been stopped first."""

@@ -57,8 +57,9 @@ REQUESTS_WITH_REPLY = frozenset({
 GENERIC_PROTOCOL_FEATURES = int(ProtocolFeature.MQ | ProtocolFeature.REPLY_ACK
                                 | ProtocolFeature.INFLIGHT_SHMFD | ProtocolFeature.CONFIGURE_MEM_SLOTS
                                 | ProtocolFeature.RESET_DEVICE | ProtocolFeature.STATUS)
-#: Device-specific protocol features the handler knows how to serve.
-DEVICE_PROTOCOL_FEATURES = int(ProtocolFeature.CONFIG)
+#: Device-specific protocol features the handler knows how to serve
+#: (MTU: NET_SET_MTU, handed to ``VhostUserDevice.set_mtu``).
+DEVICE_PROTOCOL_FEATURES = int(ProtocolFeature.CONFIG | ProtocolFeature.MTU)
 
 #: Virtio bits never offered whatever the device says: the rings are split
 #: rings only, dirty logging (LOG_ALL/LOG_SHMFD) is not implemented, and
@@ -121,6 +122,10 @@ class DeviceRequestHandler(Backend):
         self.owned = False
         self.acked_features = 0
         self.acked_protocol_features = 0
+        self._protocol_set = False   # SET_PROTOCOL_FEATURES seen on this connection
+        #: Regions REM_MEM_REG removed on this connection (gpa, uaddr, size), so a
+        #: second vhost_dev removing the same one is not an error (see _rem_mem_reg).
+        self._removed: dict[tuple[int, int, int], None] = {}
         self.status = 0
         self.inflight: InflightRegion | None = None
         self._dispatch: dict[int, Callable[[Message], Reply | None]] = {
@@ -150,6 +155,7 @@ class DeviceRequestHandler(Backend):
             FrontendReq.RESET_DEVICE: self._reset_device,
             FrontendReq.GET_STATUS: self._get_status,
             FrontendReq.SET_STATUS: self._set_status,
+            FrontendReq.NET_SET_MTU: self._net_set_mtu,
         }
         #: Protocol feature each request needs negotiated before it is served.
         self._gates: dict[int, int] = {
@@ -164,6 +170,7 @@ class DeviceRequestHandler(Backend):
             FrontendReq.RESET_DEVICE: ProtocolFeature.RESET_DEVICE,
             FrontendReq.GET_STATUS: ProtocolFeature.STATUS,
             FrontendReq.SET_STATUS: ProtocolFeature.STATUS,
+            FrontendReq.NET_SET_MTU: ProtocolFeature.MTU,
         }
 
     # ------------------------------------------------------------------
@@ -208,6 +215,8 @@ class DeviceRequestHandler(Backend):
         self.owned = False
         self.acked_features = 0
         self.acked_protocol_features = 0
+        self._protocol_set = False
+        self._removed.clear()
         self.status = 0
 
     # ------------------------------------------------------------------
@@ -313,6 +322,7 @@ class DeviceRequestHandler(Backend):
             raise ProtocolError(f"SET_FEATURES: device refused features {features:#x}: {e}") from e
         self.acked_features = features
         if not features & _F_PROTOCOL_FEATURES:
+            self._protocol_set = False   # bit 30 not acked after all: no SET_VRING_ENABLE
             for queue in self.queues:
                 queue.enabled = True
         return None
@@ -341,6 +351,7 @@ class DeviceRequestHandler(Backend):
             raise ProtocolError(f"SET_PROTOCOL_FEATURES: bits {unknown:#x} were not offered "
                                 f"(features {features:#x}, offered {self.offered_protocol_features():#x})")
         self.acked_protocol_features = features
+        self._protocol_set = True
         return None
 
     def _reset_rings_and_device(self) -> None:
@@ -369,6 +380,16 @@ class DeviceRequestHandler(Backend):
         self.status = status
         return None
 
+    def _net_set_mtu(self, msg: Message) -> None:
+        """NET_SET_MTU (net devices that offer protocol MTU): a refusal is a
+        failure ack, after which QEMU does not start the rings."""
+        mtu = decode_u64(msg.request, msg.payload)
+        try:
+            self.device.set_mtu(mtu)
+        except ValueError as e:
+            raise RequestRefused(f"NET_SET_MTU: {e}") from e
+        return None
+
     def _get_queue_num(self, msg: Message) -> Reply:
         return encode_u64(self.num_queues), []
 
@@ -395,13 +416,27 @@ class DeviceRequestHandler(Backend):
 
     def _add_mem_reg(self, msg: Message) -> None:
         region = decode_single_region(msg.payload)
+        if any(r.matches(region) and r.mmap_offset == region.mmap_offset for r in self.mem.regions):
+            # QEMU's multiqueue net runs one vhost_dev per queue pair on one
+            # socket, each with its own region list: pair 1 adds what pair 0
+            # added.  The same region again is a no-op (its fd is closed).
+            os.close(msg.take_fd())
+            return None
         self.mem.add_region(region, msg.take_fd())
         self._remap_queues()
         return None
 
     def _rem_mem_reg(self, msg: Message) -> None:
         region = decode_single_region(msg.payload)
+        key = (region.guest_phys_addr, region.userspace_addr, region.memory_size)
+        if key in self._removed and not any(r.matches(region) for r in self.mem.regions):
+            # ... and removes what pair 0 already removed (see _add_mem_reg);
+            # a region never added is still refused.
+            return None
         self.mem.remove_region(region)
+        self._removed[key] = None
+        while len(self._removed) > MAX_MEM_SLOTS:   # bounded: forget the oldest
+            del self._removed[next(iter(self._removed))]
         self._remap_queues()
         return None
 
@@ -491,12 +526,19 @@ class DeviceRequestHandler(Backend):
 
     def _set_vring_enable(self, msg: Message) -> None:
         state = decode_vring_state(msg.payload)
-        if not self.acked_features & _F_PROTOCOL_FEATURES:
-            raise ProtocolError("SET_VRING_ENABLE: VHOST_USER_F_PROTOCOL_FEATURES not acked in SET_FEATURES")
+        # QEMU's net device sends it before SET_FEATURES (at init, for every
+        # pair), so a SET_PROTOCOL_FEATURES not yet followed by a SET_FEATURES
+        # without bit 30 also counts.
+        if not self.acked_features & _F_PROTOCOL_FEATURES and not self._protocol_set:
+            raise ProtocolError("SET_VRING_ENABLE: VHOST_USER_F_PROTOCOL_FEATURES not negotiated")
         queue = self._queue(msg, state.index)
         if state.num not in (0, 1):
             raise ProtocolError(f"SET_VRING_ENABLE: value {state.num} for vring {state.index} is not 0 or 1")
         queue.enabled = bool(state.num)
+        try:
+            self.device.set_queue_enabled(state.index, queue.enabled)
+        except Exception:  # a device bug must not end the connection
+            log.exception("device set_queue_enabled(%d, %s) failed", state.index, queue.enabled)
         return None
 
     # ------------------------------------------------------------------

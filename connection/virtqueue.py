@@ -758,6 +758,11 @@ class Virtqueue:
         self._kick.poll_ns = value
 
     @property
+    def stopped(self) -> bool:
+        """True once the handler stopped this ring (GET_VRING_BASE, reset, disconnect)."""
+        return self._stopped
+
+    @property
     def last_avail_idx(self) -> int:
         return self._last_avail
 

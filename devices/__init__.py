@@ -13,13 +13,13 @@ this package before it forks, and a jailed child can import nothing new.
 
 from __future__ import annotations
 
-from . import block, console, rng
+from . import block, console, net, rng
 from .base import DeviceBuilder
 from .devtype import DeviceType, registry
 from .options import ConfigError, Option, parse_bool
 
 #: device type name -> its declaration, in the order help texts list them.
-DEVICE_TYPES: dict[str, DeviceType] = registry(block.DEVICE, console.DEVICE, rng.DEVICE)
+DEVICE_TYPES: dict[str, DeviceType] = registry(block.DEVICE, console.DEVICE, rng.DEVICE, net.DEVICE)
 
 #: device type name -> builder class (``Builder.from_options(name, options)``),
 #: derived from ``DEVICE_TYPES`` for callers that only build.

@@ -142,6 +142,18 @@ class Qemu:
         cid = self._chardev(socket_path, reconnect)
         self._devs.append(_Dev(["-device", f"vhost-user-rng-pci,chardev={cid}"]))
 
+    def add_vhost_user_net(self, socket_path: Path, mac: str = "52:54:00:12:34:56",
+                           reconnect: bool = True, queues: int = 1) -> None:
+        """`vectors=0` (legacy INTx): QEMU 7.2 under TCG crashes (SIGSEGV) when the guest
+        starts a vhost-user netdev on a virtio-net-pci with MSI-X (see docs/operations.md)."""
+        cid = self._chardev(socket_path, reconnect)
+        nid = f"n{self._n}"
+        self._n += 1
+        mq = f",queues={queues}" if queues > 1 else ""
+        self._devs.append(_Dev(["-netdev", f"vhost-user,chardev={cid},id={nid}{mq}",
+                                "-device", f"virtio-net-pci,netdev={nid},mac={mac},vectors=0"
+                                + (",mq=on" if queues > 1 else "")]))
+
     # --- command line ---------------------------------------------------------------
 
     def command(self) -> list[str]:

@@ -686,3 +686,24 @@ def test_disconnect_stops_queues_unmaps_and_closes_everything(lt: LoopThread, so
     s.close()
     lt.call(lambda: None)
     assert open_fds() == before
+
+
+def test_same_region_added_and_removed_twice(server: Server) -> None:
+    """QEMU's multiqueue net runs one vhost_dev per queue pair on one socket,
+    each adding (and removing) the same regions: the repeat is a no-op, a
+    region never added is still refused."""
+    with VhostUserFrontend.connect(server.path) as fe:
+        fe.negotiate(protocol_features=int(GENERIC_PROTOCOL_FEATURES))
+        from frontend.vhost_user import DriverMemory
+        fe.mem = DriverMemory(4 << 20)
+        for _ in range(2):
+            for region in fe.mem.table():
+                fe.request(R.ADD_MEM_REG, encode_single_region(region), fds=[fe.mem.fd])
+        assert len(server.call(lambda: server.handler.mem.regions)) == 2
+        region1 = fe.mem.table()[1]
+        for _ in range(2):
+            fe.request(R.REM_MEM_REG, encode_single_region(region1))
+        assert len(server.call(lambda: server.handler.mem.regions)) == 1
+        with pytest.raises(ProtocolError, match="acked failure"):
+            fe.request(R.REM_MEM_REG, encode_single_region(MemoryRegion(0x1234000, 4096, 0x99_0000_0000, 0)))
+    server.wait()

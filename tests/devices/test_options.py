@@ -12,6 +12,7 @@ import devices
 from devices import BUILDERS, ConfigError
 from devices.block import BlockBuilder
 from devices.console import ConsoleBuilder
+from devices.net import NetBuilder
 from devices.rng import RngBuilder
 
 
@@ -23,7 +24,7 @@ def image(tmp_path):
 
 
 def test_registry():
-    assert BUILDERS == {"block": BlockBuilder, "console": ConsoleBuilder, "rng": RngBuilder}
+    assert BUILDERS == {"block": BlockBuilder, "console": ConsoleBuilder, "rng": RngBuilder, "net": NetBuilder}
     for cls in BUILDERS.values():
         assert issubclass(cls, devices.DeviceBuilder)
         assert cls.seccomp_policy.endswith(".policy")
