@@ -99,3 +99,44 @@ def allocate(rng: IdRange, names: list[str], fixed: dict[str, tuple[int, int]]) 
         taken.add(nxt)
         nxt += 1
     return out
+
+
+def _used_ids(rng: IdRange, skip_pids: frozenset[int]) -> set[int]:
+    """Every id of ``rng`` that an account, a group or a running process uses (one /proc scan)."""
+    used = {i for pw in pwd.getpwall() for i in (pw.pw_uid, pw.pw_gid) if i in rng}
+    used.update(gr.gr_gid for gr in grp.getgrall() if gr.gr_gid in rng)
+    for pid in os.listdir("/proc"):
+        if pid.isdigit() and int(pid) not in skip_pids:
+            used.update(i for i in _process_ids(pid)[0] if i in rng)
+    return used
+
+
+def claim_block(pool: IdRange, block: int, need: int, lock_dir: str, *,
+                skip_pids: frozenset[int] = frozenset()) -> tuple[IdRange, int]:
+    """The first ``block``-sized slice of ``pool`` that nothing uses and no
+    other supervisor holds, for ``need`` devices; returns it and the fd of
+    its lock file (held open for the supervisor's life: a second supervisor
+    started at the same moment takes the next slice, not the same ids).
+
+    Why slices: several supervisors on one host (one per tenant, or a test
+    beside a production one) each get ids of their own without an operator
+    assigning ranges, and the "no one else uses these ids" rule still holds.
+    """
+    import fcntl
+    if need > block:
+        raise IdRangeError(f"{need} devices need more ids than one slice of {block} holds")
+    os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+    used = _used_ids(pool, skip_pids)
+    for start in range(pool.start, pool.start + pool.count - block + 1, block):
+        piece = IdRange(start, block)
+        if any(i in piece for i in used):
+            continue
+        fd = os.open(os.path.join(lock_dir, f"uids-{start}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return piece, fd
+    raise IdRangeError(f"{pool} has no free slice of {block} ids (every slice is used by a process, "
+                       f"an account or another supervisor)")

@@ -114,7 +114,7 @@ class SupervisorConfig:
     jail: JailOptions = field(default_factory=JailOptions)
     log_format: str = "text"
     grace_period: float = DEFAULT_GRACE
-    uid_range: tuple[int, int] = DEFAULT_UID_RANGE   # (start, count)
+    uid_range: tuple[int, int] | None = None   # (start, count); None: a free slice of DEFAULT_UID_RANGE
 
 
 def default_policy_dir() -> Path:

@@ -28,7 +28,7 @@ import devices
 
 from . import logs
 from .child import READY_BYTE, ChildProcess, enable_fork_signal_reset, spawn_child
-from .config import ConfigError, SupervisorConfig
+from .config import DEFAULT_UID_RANGE, ConfigError, SupervisorConfig
 from .control import ControlError, ControlServer, bind_control_socket, socket_in_use
 from .metrics import FrontendState, frontend_state, process_metrics
 from .notify import Notifier
@@ -44,6 +44,10 @@ CHILD_MODULES = (
     "asyncio.unix_events", "uvloop", "mmap", "fcntl", "struct", "array", "selectors",
     "encodings.idna", "encodings.ascii", "encodings.latin_1",
 ) + devices.child_modules()
+#: uid-range unset (auto): each supervisor takes a slice of this many ids of
+#: the default pool, locked under UID_LOCK_DIR for its life.
+UID_SLICE = 1024
+UID_LOCK_DIR = "/run/vhost-supervisor/uid-slices"
 TICK = 1.0     # seconds between heartbeat rounds (less for a watchdog-sec under 4 s)
 MAX_LOG_LINE = 4096        # a child's stderr line is cut here (a hostile child cannot bloat us)
 LOG_READ = 1 << 20         # one read takes whatever the pipe holds
@@ -144,21 +148,27 @@ class Supervisor:
         id of ``uid-range``, which must be unused (passwd, group, processes)."""
         if self.cfg.disable_sandbox:
             return
-        from sandbox.idrange import IdRange, IdRangeError, allocate, check_unused
+        from sandbox.idrange import IdRange, IdRangeError, allocate, check_unused, claim_block
         if os.geteuid() != 0:
             # An unprivileged supervisor can map only its own id into the jail.
             logs.event(None, "identity", logging.WARNING, uid=os.geteuid(),
                        note="not root: every device runs as the supervisor's own uid")
             return
-        rng = IdRange(*self.cfg.uid_range)
         fixed = {n: s.spec.jail_user for n, s in self.slots.items() if s.spec.jail_user is not None}
         try:
-            if len(fixed) < len(self.slots):
-                check_unused(rng, skip_pids=frozenset({os.getpid()}))
+            if self.cfg.uid_range is None:
+                # auto: a slice of the default pool that nothing uses and no
+                # other supervisor holds (the lock fd lives as long as we do)
+                rng, self._uid_lock = claim_block(IdRange(*DEFAULT_UID_RANGE), UID_SLICE, len(self.slots),
+                                                  UID_LOCK_DIR, skip_pids=frozenset({os.getpid()}))
+            else:
+                rng = IdRange(*self.cfg.uid_range)
+                if len(fixed) < len(self.slots):
+                    check_unused(rng, skip_pids=frozenset({os.getpid()}))
             ids = allocate(rng, list(self.slots), fixed)
         except IdRangeError as e:
-            hint = ("; is another supervisor using it? give each its own uid-range"
-                    if "process" in str(e) else "")
+            hint = ("; is another supervisor using it? give each its own uid-range, or leave uid-range "
+                    "unset (auto)" if "process" in str(e) else "")
             raise ConfigError(f"{e}{hint}", "uid-range") from None
         for name, (uid, gid) in ids.items():
             slot = self.slots[name]

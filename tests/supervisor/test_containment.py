@@ -95,6 +95,26 @@ def test_another_local_user_cannot_signal_any_device(sup: SupervisorProc) -> Non
     assert sup.terminate() == 0
 
 
+def test_two_supervisors_with_default_ids_get_disjoint_slices(sup: SupervisorProc, sup_dir: str) -> None:
+    """uid-range unset: each supervisor claims its own slice of the pool, so a
+    second one on the host (another tenant, a test beside production) starts,
+    and no device of one can signal a device of the other."""
+    other_dir = os.path.join(sup_dir, "second")
+    os.makedirs(other_dir)
+    other = SupervisorProc(other_dir)
+    try:
+        sup.start("--rng", f"vhost={sup.path('r.sock')}")
+        other.start("--rng", f"vhost={other.path('r.sock')}")
+        a, b = sup.status()["rng-0"], other.status()["rng-0"]
+        assert a["uid"] != b["uid"] and abs(a["uid"] - b["uid"]) >= 1024, (a["uid"], b["uid"])
+        assert set(_uid_of(a["pid"])) == {a["uid"]} and set(_uid_of(b["pid"])) == {b["uid"]}
+        assert len(drive_rng(sup.path("r.sock"))) > 0 and len(drive_rng(other.path("r.sock"))) > 0
+        assert other.terminate() == 0
+    finally:
+        other.cleanup()
+    assert sup.terminate() == 0
+
+
 def test_uid_range_in_use_is_a_config_error(sup: SupervisorProc, sup_dir: str) -> None:
     """A range some process already runs in is refused at start, naming the process."""
     uid = 1879048192 + 4000

@@ -242,12 +242,12 @@ def test_crash_loop_backoff_doubles_to_five_minutes() -> None:
 def test_containment_options_parsed_and_bad_values_name_the_key(sup_dir: str) -> None:
     import pytest
 
-    from supervisor.config import DEFAULT_UID_RANGE, ConfigError, build_config, load_toml
+    from supervisor.config import ConfigError, build_config, load_toml
     cfg = build_config(ordered_flags=[("rng", f"vhost={sup_dir}/a.sock,watchdog-sec=2.5,crash-loop=fail"),
                                       ("rng", f"vhost={sup_dir}/b.sock")], control_socket=f"{sup_dir}/c.sock")
     a, b = cfg.devices
     assert (a.watchdog_sec, a.crash_loop, a.jail_user) == (2.5, "fail", None)
-    assert (b.watchdog_sec, b.crash_loop) == (5.0, "backoff") and cfg.uid_range == DEFAULT_UID_RANGE
+    assert (b.watchdog_sec, b.crash_loop) == (5.0, "backoff") and cfg.uid_range is None
     for opt, key in (("watchdog-sec=soon", "watchdog-sec"), ("watchdog-sec=0.01", "watchdog-sec"),
                      ("crash-loop=panic", "crash-loop")):
         with pytest.raises(ConfigError) as ei:
