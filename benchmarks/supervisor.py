@@ -35,7 +35,9 @@ import time
 import psutil
 
 from supervisor.exercise import drive_rng
-from supervisor.harness import REPO, SupervisorProcess
+from supervisor.harness import SupervisorProcess
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODES = {"jailed": [], "plain": ["--disable-sandbox"]}
 

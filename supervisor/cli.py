@@ -36,6 +36,8 @@ def _add_control(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vhost-supervisor",
                                      description="A sandboxed supervisor for vhost-user device back-ends.")
+    from vhost_supervisor import version
+    parser.add_argument("-V", "--version", action="version", version=f"vhost-supervisor {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -76,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("device", help="run one device unjailed (crosvm device ...)", add_help=False)
     dev.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser("demo", help="start a jailed supervisor with block, console and rng devices and drive them",
+                   add_help=False).add_argument("args", nargs=argparse.REMAINDER)
     pr = sub.add_parser("probe", help="connect to a vhost-user socket and describe the device", add_help=False)
     pr.add_argument("args", nargs=argparse.REMAINDER)
     return parser
@@ -179,10 +183,12 @@ def cmd_policy(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # "device" and "probe" hand everything after them to the other packages' CLIs.
-    if argv and argv[0] in ("device", "probe"):
+    # "device", "probe" and "demo" hand everything after them to the other packages' CLIs.
+    if argv and argv[0] in ("device", "probe", "demo"):
         if argv[0] == "device":
             from devices.standalone import main as tool
+        elif argv[0] == "demo":
+            from .demo import main as tool
         else:
             from connection.probe import main as tool
         try:

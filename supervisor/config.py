@@ -79,8 +79,9 @@ class SupervisorConfig:
 
 
 def default_policy_dir() -> Path:
-    """``seccomp/`` at the repository root, found from this (editable-installed) package."""
-    return Path(__file__).resolve().parent.parent / "seccomp"
+    """The seccomp policies shipped with the package (``sandbox.data``)."""
+    from sandbox.data import policy_dir
+    return Path(policy_dir())
 
 
 def default_control_socket() -> str:

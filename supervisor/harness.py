@@ -16,7 +16,6 @@ from typing import Any
 
 from .control import request
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class SupervisorProcess:
@@ -42,7 +41,7 @@ class SupervisorProcess:
         with open(self.log_path, "ab") as log:
             self.t_start = time.monotonic()
             self.proc = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", "-s", self.control, *args],
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO, env=env)
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.dir, env=env)
         if not wait_ready:
             return 0.0
         self.wait_notify("READY=1", timeout)

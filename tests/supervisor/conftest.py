@@ -20,7 +20,9 @@ from typing import Any
 import psutil
 import pytest
 
-from supervisor.harness import REPO, SupervisorProcess
+from supervisor.harness import SupervisorProcess
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 __all__ = ["REPO", "SupervisorProc", "pid_alive"]
 

@@ -1,0 +1,1 @@
+"""systemd unit files shipped with the package (printed by ``vhost-supervisor systemd-units``)."""
