@@ -76,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     pol.add_argument("action", choices=("check", "show"))
     pol.add_argument("file")
 
+    un = sub.add_parser("systemd-units", help="print the shipped systemd units (or install them)",
+                        description="vhost-supervisor.service and vhost-supervisor@.socket (one per device), "
+                                    "with ExecStart= pointing at this installation.")
+    un.add_argument("--install", metavar="DIR", help="write the units into DIR (e.g. /etc/systemd/system)")
+    un.add_argument("--bindir", metavar="DIR", help="directory of the vhost-supervisor command in ExecStart=")
+
     dev = sub.add_parser("device", help="run one device unjailed (crosvm device ...)", add_help=False)
     dev.add_argument("args", nargs=argparse.REMAINDER)
     sub.add_parser("demo", help="start a jailed supervisor with block, console and rng devices and drive them",
@@ -181,6 +187,24 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return scli.policy_check(args.file) if args.action == "check" else scli.policy_show(args.file)
 
 
+def cmd_systemd_units(args: argparse.Namespace) -> int:
+    from . import units
+    if args.install:
+        try:
+            for path in units.install(args.install, args.bindir):
+                print(path)
+        except OSError as e:
+            _err(f"--install: {e}")
+            return EXIT_CONFIG
+        print("then: systemctl daemon-reload; systemctl enable --now vhost-supervisor@NAME.socket ... "
+              "vhost-supervisor.service", file=sys.stderr)
+        return 0
+    for name, text in units.render(args.bindir).items():
+        print(f"# ---- {name}")
+        print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # "device", "probe" and "demo" hand everything after them to the other packages' CLIs.
@@ -210,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_audit(args)
     if args.command == "policy":
         return cmd_policy(args)
+    if args.command == "systemd-units":
+        return cmd_systemd_units(args)
     parser.print_help()
     return EXIT_CONFIG
 

@@ -137,10 +137,11 @@ class Supervisor:
 
     def bind_all(self) -> None:
         """Listen on every device socket (and the control socket) before any fork."""
-        from connection.connection import VhostUserListener
+        from .activation import Activation
+        activation = Activation.from_environ()   # sockets systemd passes (LISTEN_FDS), kept across restarts
         for slot in self.slots.values():
             path = slot.spec.socket
-            if os.path.exists(path) and socket_in_use(path):
+            if not activation.has(path) and os.path.exists(path) and socket_in_use(path):
                 raise ConfigError(f"{path!r} is in use by a running process", "vhost", slot.name)
         try:
             sock = bind_control_socket(self.cfg.control_socket)
@@ -149,13 +150,15 @@ class Supervisor:
         self.control = ControlServer(sock, self.handle_request)
         for slot in self.slots.values():
             try:
-                slot.listener = VhostUserListener(slot.spec.socket)
+                slot.listener = activation.listener(slot.spec.socket)
             except OSError as e:
                 raise ConfigError(f"{slot.spec.socket!r}: cannot listen: {e.strerror or e}", "vhost",
                                   slot.name) from None
             slot.socket_inode = os.stat(slot.spec.socket).st_ino
             slot.resources = slot.listener.take_parent_process_resources()
-            logs.event(slot.name, "listen", socket=slot.spec.socket, type=slot.spec.type)
+            logs.event(slot.name, "listen", socket=slot.spec.socket, type=slot.spec.type,
+                       inherited=getattr(slot.listener, "fd_name", None))
+        activation.close_unused()
 
     # ------------------------------------------------------------ children
 

@@ -38,9 +38,9 @@ class SupervisorProc(SupervisorProcess):
         return p
 
     def start(self, *args: str, wait_ready: bool = True, timeout: float = 20.0,  # type: ignore[override]
-              env: dict[str, str] | None = None) -> "SupervisorProc":
+              env: dict[str, str] | None = None, **kw: Any) -> "SupervisorProc":
         try:
-            super().start(*args, wait_ready=wait_ready, timeout=timeout, env=env)
+            super().start(*args, wait_ready=wait_ready, timeout=timeout, env=env, **kw)
         except RuntimeError as e:
             raise AssertionError(str(e)) from None
         return self
