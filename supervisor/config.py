@@ -24,7 +24,8 @@ FLAG_TYPES = {"block": "block", "serial": "console", "rng": "rng"}
 TYPE_ALIASES = {"block": "block", "console": "console", "serial": "console", "rng": "rng"}
 RESTART_POLICIES = ("always", "on-failure", "never")
 #: Keys the supervisor consumes; every other key is the device's (checked by its builder).
-SUPERVISOR_DEVICE_KEYS = ("vhost", "name", "restart", "jail-user")
+SUPERVISOR_DEVICE_KEYS = ("vhost", "name", "restart", "jail-user",
+                          "memory-max", "memory-swap-max", "pids-max", "cpu-weight")
 JAIL_KEYS = ("pivot-root", "seccomp-policy-dir", "seccomp-log-failures")
 SUPERVISOR_KEYS = ("control-socket", "disable-sandbox", "log-format", "grace-period") + JAIL_KEYS
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -66,6 +67,7 @@ class DeviceSpec:
     restart: str = "always"
     jail_user: tuple[int, int] = (65534, 65534)
     origin: str = ""               # "--block #1" or "FILE device #2", for messages
+    budget: dict[str, str] = field(default_factory=dict)   # cgroup file -> value (supervisor.cgroups)
 
 
 @dataclass
@@ -179,8 +181,13 @@ def _device_from_options(dtype: str, opts: dict[str, Any], origin: str, index: i
         raise ConfigError("is required (the vhost-user socket path)", "vhost", name)
     sock = _check_socket_path(str(opts.pop("vhost")), "vhost", name)
     options = {str(k): _stringify(str(k), v, name) for k, v in opts.items()}
+    from .cgroups import BudgetError, parse_budget
+    try:
+        budget = parse_budget(options)
+    except BudgetError as e:
+        raise ConfigError(str(e), None, name) from None
     return DeviceSpec(name=name, type=dtype, socket=sock, options=options, restart=restart,
-                      jail_user=jail_user, origin=origin)
+                      jail_user=jail_user, origin=origin, budget=budget)
 
 
 def _apply_supervisor_keys(cfg: SupervisorConfig, table: dict[str, Any], where: str) -> None:

@@ -35,6 +35,7 @@ class ExitKind(str, enum.Enum):
     SIGNALED = "signaled"           # killed by a signal
     SECCOMP = "seccomp"             # killed by seccomp (SIGSYS), with the syscall
     JAIL_FAILED = "jail_failed"     # the jail could not be set up
+    OOM = "oom"                     # killed by the OOM killer of its cgroup (memory budget)
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,8 @@ class ExitInfo:
             text = f"killed by {self.signal}"
         elif self.kind is ExitKind.SECCOMP:
             text = f"seccomp: {self.syscall or 'unknown syscall'}"
+        elif self.kind is ExitKind.OOM:
+            text = "out of memory: killed by its cgroup's OOM killer"
         else:
             text = f"jail set-up failed: {self.message or f'exit {self.code}'}"
         return text + (" (requested)" if self.requested else "")

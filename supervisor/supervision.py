@@ -29,6 +29,7 @@ from .child import READY_BYTE, ChildProcess, enable_fork_signal_reset, spawn_chi
 from .config import ConfigError, SupervisorConfig
 from .control import ControlError, ControlServer, bind_control_socket, socket_in_use
 from .metrics import process_metrics, unix_connections
+from .cgroups import CgroupBudgets
 from .notify import Notifier
 from .slot import DeviceSlot, ExitInfo, ExitKind, State, should_restart
 
@@ -79,6 +80,7 @@ class Supervisor:
         self._refresh_handle: asyncio.TimerHandle | None = None
         self._watchdog_handle: asyncio.TimerHandle | None = None
         self._force_kill = False
+        self.cgroups = CgroupBudgets({})   # replaced in main() once the loop runs
 
     # ------------------------------------------------------------------ run
 
@@ -114,6 +116,8 @@ class Supervisor:
         except BaseException:
             self.close_resources()
             raise
+        # Into our own leaf cgroup (delegated subtree) before any fork and before READY=1.
+        self.cgroups = CgroupBudgets.setup({s.name: s.spec.budget for s in self.slots.values()})
         try:
             await self.control.start()  # type: ignore[union-attr]
             logs.event(None, "start", devices=len(self.slots), control_socket=self.cfg.control_socket,
@@ -184,9 +188,10 @@ class Supervisor:
         keep = list(slot.builder.keep_fds()) + [slot.listener.fileno()]
         t0 = time.monotonic()
         try:
-            child = spawn_child(name=slot.name, conn=slot.listener, builder=slot.builder, keep_fds=keep,
-                                sandboxed=not self.cfg.disable_sandbox,
-                                jail_kwargs=None if self.cfg.disable_sandbox else self._jail_kwargs(slot))
+            with self.cgroups.placing(slot.name):   # the child joins its budget's cgroup at fork
+                child = spawn_child(name=slot.name, conn=slot.listener, builder=slot.builder, keep_fds=keep,
+                                    sandboxed=not self.cfg.disable_sandbox,
+                                    jail_kwargs=None if self.cfg.disable_sandbox else self._jail_kwargs(slot))
         except Exception as e:  # noqa: BLE001
             logs.event(slot.name, "spawn-failed", logging.ERROR, error=f"{type(e).__name__}: {e}")
             self._after_exit(slot, ExitInfo(ExitKind.JAIL_FAILED, code=None), 0.0)
@@ -310,6 +315,8 @@ class Supervisor:
         except ChildProcessError:
             status = 0
         info = child.exit_info(status)
+        if info.kind is not ExitKind.DISCONNECTED and self.cgroups.oom_killed(slot.name):
+            info = dataclasses.replace(info, kind=ExitKind.OOM)
         requested = self.stopping or slot.pending_request is not None
         if requested:
             info = dataclasses.replace(info, requested=True)
