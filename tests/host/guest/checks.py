@@ -358,8 +358,8 @@ def check4() -> str:
     entries = journal("DEVICE=blk0", "EXIT_KIND=oom")
     dmesg = [ln for ln in sh("dmesg", check=False).splitlines() if "oom" in ln.lower()][-2:]
     wait_progress([w1], 3)
+    blk1_after = status()["blk1"]      # while w1 is still connected: the same child served it throughout
     w1.stop()
-    blk1_after = status()["blk1"]
     drive_once("blk0")
     detail(f"blk0 status: state={d['state']} restarts={d['restarts']} last_exit={d['last_exit']['kind']} "
            f"({d['last_exit']['text']})")
@@ -380,7 +380,8 @@ def check5() -> str:
     entries = journal()
     with_fields = [e for e in entries if all(k in e for k in ("DEVICE", "EVENT", "EXIT_KIND", "PID"))]
     events = sorted({e["EVENT"] for e in entries if "EVENT" in e})
-    sample = with_fields[-1] if with_fields else {}
+    ooms = [e for e in with_fields if e["EXIT_KIND"] == "oom"]
+    sample = (ooms or with_fields or [{}])[-1]
     keep = {k: sample[k] for k in ("MESSAGE", "DEVICE", "EVENT", "EXIT_KIND", "PID", "PRIORITY",
                                     "SYSLOG_IDENTIFIER", "VHOST_UPTIME") if k in sample}
     detail(f"{len(entries)} entries, {len(with_fields)} exits with all four fields; events: {', '.join(events)}")
