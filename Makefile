@@ -10,7 +10,7 @@ APT_PACKAGES := libcap-dev libseccomp2 qemu-system-x86 qemu-system-common qemu-u
                 busybox-static cpio zstd xz-utils fio
 PYTEST_FLAGS ?=
 
-.PHONY: all setup system-packages demo test e2e security bench clean
+.PHONY: all setup system-packages demo test e2e security host-test bench clean
 
 all: test
 
@@ -43,6 +43,12 @@ test: setup
 
 e2e: setup
 	$(PY) -m pytest tests/e2e $(PYTEST_FLAGS)
+
+# The package under a real systemd: a cached Debian 12 root (debootstrap, .cache/host),
+# booted under QEMU with systemd as PID 1 on cgroup v2; five checks inside (tests/host).
+host-test: setup
+	@command -v debootstrap >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null; }
+	$(PY) -m tests.host.harness
 
 security: setup
 	$(PY) -m pytest tests/security tests/sandbox $(PYTEST_FLAGS)
