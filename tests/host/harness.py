@@ -142,7 +142,7 @@ def boot(image: Path, kernel: Path, initrd: Path, timeout: float, log: Path) -> 
            "-display", "none", "-monitor", "none", "-serial", f"file:{log}", "-no-reboot", "-nic", "none",
            "-kernel", str(kernel), "-initrd", str(initrd),
            "-append", "root=/dev/nvme0n1 rw console=ttyS0 panic=-1 systemd.unified_cgroup_hierarchy=1 "
-                      "systemd.show_status=0 loglevel=4",
+                      "systemd.show_status=0 loglevel=4 quiet",
            "-drive", f"file={overlay},if=none,id=d0,format=qcow2,discard=unmap",
            "-device", "nvme,drive=d0,serial=root"]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
