@@ -372,6 +372,7 @@ def check4() -> str:
     dmesg = [ln for ln in sh("dmesg", check=False).splitlines() if "oom" in ln.lower()][-2:]
     wait_progress([w1], 3)
     blk1_after = status()["blk1"]      # while w1 is still connected: the same child served it throughout
+    serving = (blk1_after["state"], blk1_after["frontend"])
     w1.stop()
     drive_once("blk0")
     detail(f"blk0 status: state={d['state']} restarts={d['restarts']} last_exit={d['last_exit']['kind']} "
@@ -381,9 +382,10 @@ def check4() -> str:
     detail("kernel: " + " | ".join(dmesg))
     detail(f"new dev-blk0 memory.events: {' '.join(ev)}")
     detail(f"blk1 during it: {w1.ok} verified, {len(w1.failed)} failed, {w1.reconnects} reconnects; "
-           f"pid {blk1_pid} -> {blk1_after['pid']}")
+           f"pid {blk1_pid} -> {blk1_after['pid']}; status while connected: state={serving[0]} front-end={serving[1]}")
     ok = (d["last_exit"]["kind"] == "oom" and d["restarts"] > before["blk0"]["restarts"] and entries
-          and not w1.failed and w1.reconnects == 0 and blk1_after["pid"] == blk1_pid)
+          and not w1.failed and w1.reconnects == 0 and blk1_after["pid"] == blk1_pid
+          and serving == ("serving", "yes"))
     return ("PASS" if ok else "FAIL") + ": blk0 over memory.max was OOM-killed in its cgroup, reported as oom " \
         "(status, journal) and restarted; blk1 kept serving"
 
