@@ -40,6 +40,7 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest $(PYTEST_FLAGS)
+	$(MAKE) host-test
 
 e2e: setup
 	$(PY) -m pytest tests/e2e $(PYTEST_FLAGS)
