@@ -35,7 +35,9 @@ import time
 import psutil
 
 from frontend.exercise import drive_rng
-from frontend.supervisor_process import REPO, SupervisorProcess
+from frontend.supervisor_process import SupervisorProcess
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 MODES = {"jailed": [], "plain": ["--disable-sandbox"]}
 

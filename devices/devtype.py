@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 #: TOML ``[[device]]`` table ``type`` names the device type, so an option
 #: called ``type`` can only be given on the command line.)
 RESERVED = frozenset({"vhost", "name", "restart", "jail-user", "watchdog-sec", "crash-loop",
+                      "memory-max", "memory-swap-max", "pids-max", "cpu-weight",
                       "socket-path", "fd", "print-capabilities", "log-level"})
 #: Keys every type accepts and ignores: ``vhost`` is the socket (the
 #: supervisor's), ``pci-address`` concerns the VMM.

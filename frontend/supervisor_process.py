@@ -16,7 +16,6 @@ from typing import Any
 
 from supervisor.control import request
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class SupervisorProcess:
@@ -32,8 +31,13 @@ class SupervisorProcess:
         self.t_start = 0.0
 
     def start(self, *args: str, wait_ready: bool = True, timeout: float = 60.0,
-              env: dict[str, str] | None = None) -> float:
-        """Start; returns seconds from exec to READY=1 (0 if not waited)."""
+              env: dict[str, str] | None = None, wrap: tuple[str, ...] = (),
+              pass_fds: tuple[int, ...] = ()) -> float:
+        """Start; returns seconds from exec to READY=1 (0 if not waited).
+
+        ``wrap`` goes before the interpreter (e.g. a shell that sets
+        LISTEN_PID=$$ and execs), ``pass_fds`` are inherited by it.
+        """
         if self.notify is None:
             self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
             self.notify.bind(self.notify_path)
@@ -41,8 +45,9 @@ class SupervisorProcess:
         self.messages.clear()
         with open(self.log_path, "ab") as log:
             self.t_start = time.monotonic()
-            self.proc = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", "-s", self.control, *args],
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO, env=env)
+            self.proc = subprocess.Popen([*wrap, sys.executable, "-m", "supervisor.cli", "run", "-s", self.control,
+                                          *args], stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.dir,
+                                         env=env, pass_fds=pass_fds)
         if not wait_ready:
             return 0.0
         self.wait_notify("READY=1", timeout)

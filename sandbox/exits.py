@@ -31,6 +31,7 @@ class ExitKind(str, enum.Enum):
     JAIL_FAILED = "jail_failed"     # the jail could not be set up
     SHM_TRUNCATED = "shm_truncated"  # SIGBUS: a shared mapping lost its backing file's pages
     HUNG = "hung"                   # killed by its supervisor: it stopped answering the heartbeat
+    OOM = "oom"                     # killed by the OOM killer of its cgroup (memory budget)
 
 
 def signame(sig: int | None) -> str:

@@ -30,12 +30,13 @@ from dataclasses import dataclass, field
 from . import fds, libc, limits, mounts, privileges, userns
 from .compiler import compile_policy
 from .config import JailConfig, JailError
+from .data import policy_dir
 
 NS_FLAGS = (libc.CLONE_NEWUSER | libc.CLONE_NEWPID | libc.CLONE_NEWNS | libc.CLONE_NEWNET
             | libc.CLONE_NEWIPC | libc.CLONE_NEWUTS | libc.CLONE_NEWCGROUP)
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT,
                      signal.SIGUSR1, signal.SIGUSR2)
-POLICY_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "seccomp")
+POLICY_DIR = policy_dir()
 FORWARDER_POLICY = os.path.join(POLICY_DIR, "forwarder.policy")
 
 # handshake messages on the SEQPACKET channel

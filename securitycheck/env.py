@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from frontend.supervisor_process import REPO, SupervisorProcess
+from frontend.supervisor_process import SupervisorProcess
 
 from .catalog import CaseFailed
 from .devtypes import TYPES, DeviceType
@@ -97,7 +97,7 @@ class Environment:
         env = dict(os.environ, NOTIFY_SOCKET=sup.notify_path)
         with open(sup.log_path, "ab") as log:
             sup.proc = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", "-s", sup.control, *args],
-                                        stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO, env=env,
+                                        stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=sup.dir, env=env,
                                         preexec_fn=_die_with_parent)
         sup.wait_notify("READY=1", 60)
 

@@ -17,7 +17,8 @@ from .config import ConfigError, build_config, default_control_socket
 
 EXIT_CONFIG = 2
 #: subcommands that are another package's command line
-DELEGATED = {"device": "devices.standalone", "probe": "frontend.probe", "security-check": "securitycheck.cli"}
+DELEGATED = {"device": "devices.standalone", "probe": "frontend.probe", "security-check": "securitycheck.cli",
+             "demo": "supervisor.demo"}
 
 
 class _DeviceFlag(argparse.Action):
@@ -56,6 +57,8 @@ def _device_flag_names() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vhost-supervisor",
                                      description="A sandboxed supervisor for vhost-user device back-ends.")
+    from vhost_supervisor import version
+    parser.add_argument("-V", "--version", action="version", version=f"vhost-supervisor {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -90,8 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     pol.add_argument("action", choices=("check", "show"))
     pol.add_argument("file")
 
+    un = sub.add_parser("systemd-units", help="print the shipped systemd units (or install them)",
+                        description="vhost-supervisor.service and vhost-supervisor@.socket (one per device), "
+                                    "with ExecStart= pointing at this installation.")
+    un.add_argument("--install", metavar="DIR", help="write the units into DIR (e.g. /etc/systemd/system)")
+    un.add_argument("--bindir", metavar="DIR", help="directory of the vhost-supervisor command in ExecStart=")
+
     dev = sub.add_parser("device", help="run one device unjailed (crosvm device ...)", add_help=False)
     dev.add_argument("args", nargs=argparse.REMAINDER)
+    sub.add_parser("demo", help="start a jailed supervisor with block, console and rng devices and drive them",
+                   add_help=False).add_argument("args", nargs=argparse.REMAINDER)
     pr = sub.add_parser("probe", help="connect to a vhost-user socket and describe the device", add_help=False)
     pr.add_argument("args", nargs=argparse.REMAINDER)
     sub.add_parser("security-check", help="attack a temporary supervisor on this host and report",
@@ -195,9 +206,27 @@ def cmd_policy(args: argparse.Namespace) -> int:
     return scli.policy_check(args.file) if args.action == "check" else scli.policy_show(args.file)
 
 
+def cmd_systemd_units(args: argparse.Namespace) -> int:
+    from . import units
+    if args.install:
+        try:
+            for path in units.install(args.install, args.bindir):
+                print(path)
+        except OSError as e:
+            _err(f"--install: {e}")
+            return EXIT_CONFIG
+        print("then: systemctl daemon-reload; systemctl enable --now vhost-supervisor@NAME.socket ... "
+              "vhost-supervisor.service", file=sys.stderr)
+        return 0
+    for name, text in units.render(args.bindir).items():
+        print(f"# ---- {name}")
+        print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # "device", "probe" and "security-check" hand everything after them to the other packages' CLIs.
+    # "device", "probe", "demo" and "security-check" hand everything after them to the other packages' CLIs.
     if argv and argv[0] in DELEGATED:
         import importlib
         tool = importlib.import_module(DELEGATED[argv[0]]).main
@@ -220,6 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_audit(args)
     if args.command == "policy":
         return cmd_policy(args)
+    if args.command == "systemd-units":
+        return cmd_systemd_units(args)
     parser.print_help()
     return EXIT_CONFIG
 

@@ -73,7 +73,9 @@ def _containment_device_keys(opts: dict[str, Any], name: str) -> dict[str, Any]:
 # --- end of containment options ---
 
 #: Keys the supervisor consumes; every other key is the device's (checked by its builder).
-SUPERVISOR_DEVICE_KEYS = ("vhost", "name", "restart", "jail-user") + CONTAINMENT_DEVICE_KEYS
+#: cgroup v2 budget keys per device (supervisor.cgroups; applied where the supervisor runs in a delegated subtree).
+BUDGET_DEVICE_KEYS = ("memory-max", "memory-swap-max", "pids-max", "cpu-weight")
+SUPERVISOR_DEVICE_KEYS = ("vhost", "name", "restart", "jail-user") + CONTAINMENT_DEVICE_KEYS + BUDGET_DEVICE_KEYS
 JAIL_KEYS = ("pivot-root", "seccomp-policy-dir", "seccomp-log-failures")
 SUPERVISOR_KEYS = ("control-socket", "disable-sandbox", "log-format", "grace-period") + JAIL_KEYS + \
     CONTAINMENT_SUPERVISOR_KEYS
@@ -104,6 +106,7 @@ class DeviceSpec:
     origin: str = ""               # "--block #1" or "FILE device #2", for messages
     watchdog_sec: float = DEFAULT_WATCHDOG_SEC  # 0: no heartbeat
     crash_loop: str = "backoff"
+    budget: dict[str, str] = field(default_factory=dict)   # cgroup file -> value (supervisor.cgroups)
 
 
 @dataclass
@@ -118,8 +121,9 @@ class SupervisorConfig:
 
 
 def default_policy_dir() -> Path:
-    """``seccomp/`` at the repository root, found from this (editable-installed) package."""
-    return Path(__file__).resolve().parent.parent / "seccomp"
+    """The seccomp policies shipped with the package (``sandbox.data``)."""
+    from sandbox.data import policy_dir
+    return Path(policy_dir())
 
 
 def default_control_socket() -> str:
@@ -207,8 +211,13 @@ def _device_from_options(dtype: str, opts: dict[str, Any], origin: str, index: i
         raise ConfigError("is required (the vhost-user socket path)", "vhost", name)
     sock = _check_socket_path(str(opts.pop("vhost")), "vhost", name)
     options = {str(k): _stringify(str(k), v, name) for k, v in opts.items()}
+    from .cgroups import BudgetError, parse_budget
+    try:
+        budget = parse_budget(options)
+    except BudgetError as e:
+        raise ConfigError(str(e), None, name) from None
     return DeviceSpec(name=name, type=dtype, socket=sock, options=options, restart=restart,
-                      jail_user=jail_user, origin=origin, **containment)
+                      jail_user=jail_user, origin=origin, budget=budget, **containment)
 
 
 def _apply_supervisor_keys(cfg: SupervisorConfig, table: dict[str, Any], where: str) -> None:

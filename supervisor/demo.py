@@ -157,7 +157,7 @@ def run(disable_sandbox: bool = False, keep_log: bool = False) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m supervisor.demo")
+    p = argparse.ArgumentParser(prog="vhost-supervisor demo")
     p.add_argument("--disable-sandbox", action="store_true")
     p.add_argument("--keep-log", action="store_true", help="copy the supervisor log to ./demo-supervisor.log")
     a = p.parse_args(argv)

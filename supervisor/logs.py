@@ -75,8 +75,13 @@ def setup_logging(fmt: str = "text", stream: TextIO | None = None, level: int = 
     for h in list(root.handlers):
         if getattr(h, "_vhost_supervisor", False):
             root.removeHandler(h)
-    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(EventFormatter(fmt))
+    from . import journal
+    handler: logging.Handler
+    if stream is None and journal.available():   # structured fields under journald
+        handler = journal.JournalHandler(EventFormatter(fmt, timestamps=False))
+    else:
+        handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+        handler.setFormatter(EventFormatter(fmt))
     handler._vhost_supervisor = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)

@@ -106,6 +106,8 @@ class ExitInfo:
             text = "front-end truncated shared memory (SIGBUS)"
         elif self.kind is ExitKind.HUNG:
             text = f"hung: no heartbeat for {self.message or '?'}"
+        elif self.kind is ExitKind.OOM:
+            text = "out of memory: killed by its cgroup's OOM killer"
         else:
             text = f"jail set-up failed: {self.message or f'exit {self.code}'}"
         return text + (" (requested)" if self.requested else "")

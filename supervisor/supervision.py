@@ -31,6 +31,7 @@ from .child import READY_BYTE, ChildProcess, enable_fork_signal_reset, spawn_chi
 from .config import DEFAULT_UID_RANGE, ConfigError, SupervisorConfig
 from .control import ControlError, ControlServer, bind_control_socket, socket_in_use
 from .metrics import FrontendState, frontend_state, process_metrics
+from .cgroups import CgroupBudgets
 from .notify import Notifier
 from .slot import CLEAN_BURST, CLEAN_RATE, CLEAN_SUMMARY_EVERY, DeviceSlot, ExitInfo, ExitKind, Request, State, \
     should_restart
@@ -87,6 +88,7 @@ class Supervisor:
         self._refresh_handle: asyncio.TimerHandle | None = None
         self._watchdog_handle: asyncio.TimerHandle | None = None
         self._force_kill = False
+        self.cgroups = CgroupBudgets({})   # replaced in main() once the loop runs
 
     # ------------------------------------------------------------------ run
 
@@ -122,6 +124,8 @@ class Supervisor:
         except BaseException:
             self.close_resources()
             raise
+        # Into our own leaf cgroup (delegated subtree) before any fork and before READY=1.
+        self.cgroups = CgroupBudgets.setup({s.name: s.spec.budget for s in self.slots.values()})
         try:
             await self.control.start()  # type: ignore[union-attr]
             logs.event(None, "start", devices=len(self.slots), control_socket=self.cfg.control_socket,
@@ -177,11 +181,12 @@ class Supervisor:
 
     def bind_all(self) -> None:
         """Listen on every device socket (and the control socket) before any fork."""
-        from connection.connection import VhostUserListener
+        from .activation import Activation
         self.assign_ids()
+        activation = Activation.from_environ()   # sockets systemd passes (LISTEN_FDS), kept across restarts
         for slot in self.slots.values():
             path = slot.spec.socket
-            if os.path.exists(path) and socket_in_use(path):
+            if not activation.has(path) and os.path.exists(path) and socket_in_use(path):
                 raise ConfigError(f"{path!r} is in use by a running process", "vhost", slot.name)
         try:
             sock = bind_control_socket(self.cfg.control_socket)
@@ -190,14 +195,16 @@ class Supervisor:
         self.control = ControlServer(sock, self.handle_request)
         for slot in self.slots.values():
             try:
-                slot.listener = VhostUserListener(slot.spec.socket)
+                slot.listener = activation.listener(slot.spec.socket)
             except OSError as e:
                 raise ConfigError(f"{slot.spec.socket!r}: cannot listen: {e.strerror or e}", "vhost",
                                   slot.name) from None
             slot.socket_inode = os.stat(slot.spec.socket).st_ino
             slot.listener_inode = os.fstat(slot.listener.fileno()).st_ino
             slot.resources = slot.listener.take_parent_process_resources()
-            logs.event(slot.name, "listen", socket=slot.spec.socket, type=slot.spec.type)
+            logs.event(slot.name, "listen", socket=slot.spec.socket, type=slot.spec.type,
+                       inherited=getattr(slot.listener, "fd_name", None))
+        activation.close_unused()
 
     # ------------------------------------------------------------ children
 
@@ -226,9 +233,10 @@ class Supervisor:
         keep = list(slot.builder.keep_fds()) + [slot.listener.fileno()]
         t0 = time.monotonic()
         try:
-            child = spawn_child(name=slot.name, conn=slot.listener, builder=slot.builder, keep_fds=keep,
-                                sandboxed=not self.cfg.disable_sandbox,
-                                jail_kwargs=None if self.cfg.disable_sandbox else self._jail_kwargs(slot))
+            with self.cgroups.placing(slot.name):   # the child joins its budget's cgroup at fork
+                child = spawn_child(name=slot.name, conn=slot.listener, builder=slot.builder, keep_fds=keep,
+                                    sandboxed=not self.cfg.disable_sandbox,
+                                    jail_kwargs=None if self.cfg.disable_sandbox else self._jail_kwargs(slot))
         except Exception as e:  # noqa: BLE001
             logs.event(slot.name, "spawn-failed", logging.ERROR, error=f"{type(e).__name__}: {e}")
             self._after_exit(slot, ExitInfo(ExitKind.JAIL_FAILED, code=None), 0.0)
@@ -417,6 +425,8 @@ class Supervisor:
         info = child.exit_info(status)
         if slot.hung_for is not None and slot.child is child:
             info = ExitInfo(ExitKind.HUNG, signal="SIGKILL", message=f"{slot.hung_for:.1f}s")
+        elif info.kind is not ExitKind.DISCONNECTED and self.cgroups.oom_killed(slot.name):
+            info = dataclasses.replace(info, kind=ExitKind.OOM)
         requested = self.stopping or slot.pending is not None
         if requested:
             info = dataclasses.replace(info, requested=True)

@@ -15,9 +15,9 @@ from collections.abc import Callable
 from typing import Any
 
 from sandbox import ExitReason, JailConfig, JailedChild, spawn
+from sandbox.data import policy_dir
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-POLICY_DIR = os.path.join(REPO, "seccomp")
+POLICY_DIR = policy_dir()
 
 
 def wait(child: JailedChild, timeout: float = 10.0) -> ExitReason:

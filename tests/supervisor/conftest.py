@@ -21,7 +21,9 @@ from typing import Any
 import psutil
 import pytest
 
-from frontend.supervisor_process import REPO, SupervisorProcess
+from frontend.supervisor_process import SupervisorProcess
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 __all__ = ["REPO", "SupervisorProc", "pid_alive", "wait_exited"]
 
@@ -37,9 +39,9 @@ class SupervisorProc(SupervisorProcess):
         return p
 
     def start(self, *args: str, wait_ready: bool = True, timeout: float = 20.0,  # type: ignore[override]
-              env: dict[str, str] | None = None) -> "SupervisorProc":
+              env: dict[str, str] | None = None, **kw: Any) -> "SupervisorProc":
         try:
-            super().start(*args, wait_ready=wait_ready, timeout=timeout, env=env)
+            super().start(*args, wait_ready=wait_ready, timeout=timeout, env=env, **kw)
         except RuntimeError as e:
             raise AssertionError(str(e)) from None
         return self
