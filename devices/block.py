@@ -24,8 +24,11 @@ import logging
 import mmap
 import os
 import struct
+from bisect import bisect_left
+from time import monotonic_ns
 from typing import Any, NamedTuple
 
+from connection.counters import BYTES, ERRORS, HIST, LATENCY_BOUNDS_NS, LATENCY_SUM, REQUESTS, DeviceCounters
 from connection.executor import Executor
 from connection.protocol import ProtocolFeature, VirtioFeature
 from connection.kick import POLL_MAX_NS
@@ -171,6 +174,13 @@ class BlockDevice(QueueTaskDevice):
                            else (DIRECT_IO_THREADS if direct else 0))
         self._threads: concurrent.futures.ThreadPoolExecutor | None = None
         self._pooled: dict[int, _PooledQueue] = {}
+        #: The device's own I/O counters (connection.counters): private until
+        #: the supervisor attaches its shared page.
+        self.counters = DeviceCounters.private(num_queues)
+
+    def attach_counters(self, counters: DeviceCounters) -> None:
+        """Count into ``counters`` (the supervisor's page) from the next queue start."""
+        self.counters = counters
 
     # ---------------------------------------------------------------- virtio
 
@@ -267,10 +277,17 @@ class BlockDevice(QueueTaskDevice):
         handle = self._handle
         wait_kick = queue.wait_kick
         publish = queue.publish
+        # Counters (connection.counters): written at notification decisions
+        # only, never per request.  A batch's latency is from the start of
+        # the drain to the decision that makes its completions visible.
+        c = self.counters.queue(qi)
+        bounds = LATENCY_BOUNDS_NS
 
         def drain() -> None:
             n = 0        # completions since the last notification decision
-            moved = 0    # bytes since the last publication
+            moved = 0    # bytes in this drain
+            mark = 0     # ``moved`` at the last publication
+            t0 = monotonic_ns()
             while (chain := pop()) is not None:
                 written = handle(chain, qi)
                 if written < 0:
@@ -281,11 +298,22 @@ class BlockDevice(QueueTaskDevice):
                 moved += written + chain.readable_len
                 if n >= MAX_BATCH or n >= queue.pending:
                     flush()
-                    n = moved = 0
-                elif moved >= FLUSH_BYTES:
+                    dt = monotonic_ns() - t0
+                    c[REQUESTS] += n
+                    c[LATENCY_SUM] += dt * n
+                    c[HIST + bisect_left(bounds, dt)] += n
+                    n = 0
+                    mark = moved
+                elif moved - mark >= FLUSH_BYTES:
                     publish()
-                    moved = 0
+                    mark = moved
             flush()
+            if n:
+                dt = monotonic_ns() - t0
+                c[REQUESTS] += n
+                c[LATENCY_SUM] += dt * n
+                c[HIST + bisect_left(bounds, dt)] += n
+            c[BYTES] += moved
 
         self._hook(qi, queue, drain)
         try:
@@ -326,6 +354,7 @@ class BlockDevice(QueueTaskDevice):
                 self._finish(transfer, bufs, offset, n, total)
         except OSError as exc:
             if not self._direct_retry(exc, read, bufs, offset, total):
+                self._failed(qi)
                 status[0] = S_IOERR
                 return 1
         if read:
@@ -335,6 +364,7 @@ class BlockDevice(QueueTaskDevice):
             try:
                 os.fdatasync(self.fd)
             except OSError:
+                self._failed(qi)
                 status[0] = S_IOERR
                 return 1
         status[0] = S_OK
@@ -342,8 +372,13 @@ class BlockDevice(QueueTaskDevice):
 
     # ----------------------------------------------------------- rare paths
 
+    def _failed(self, qi: int) -> None:
+        """Count a request answered with an error (rare path; counters.ERRORS)."""
+        self.counters.queue(qi)[ERRORS] += 1
+
     def _bad(self, qi: int, what: str) -> None:
-        """Log a malformed request once per queue (a guest can send millions)."""
+        """Log a malformed request once per queue (a guest can send millions); count it."""
+        self._failed(qi)
         if qi not in self._warned:
             self._warned.add(qi)
             log.warning("device=%s queue=%d bad request: %s (further ones on this queue not logged)",
@@ -409,6 +444,7 @@ class BlockDevice(QueueTaskDevice):
                 try:
                     os.fdatasync(self.fd)
                 except OSError:
+                    self._failed(qi)
                     status[0] = S_IOERR
                     return 1
             status[0] = S_OK
@@ -484,6 +520,7 @@ class BlockDevice(QueueTaskDevice):
             try:
                 os.fdatasync(self.fd)
             except OSError:
+                self._failed(qi)
                 return S_IOERR
         return S_OK
 
@@ -557,6 +594,9 @@ class _PooledQueue:
                     if written < 0:
                         queue.mark_broken("block request without a status byte")
                         return
+                    c = self.dev.counters.queue(qi)
+                    c[REQUESTS] += 1
+                    c[BYTES] += written + chain.readable_len
                     queue.add_used(chain.head, written)
                     queue.flush()
                     break
@@ -596,6 +636,9 @@ class _PooledQueue:
         if written < 0:
             self.queue.mark_broken("block request without a status byte")
             return
+        c = self.dev.counters.queue(self.qi)
+        c[REQUESTS] += 1
+        c[BYTES] += written   # the device-written part (the chain is gone with the thread)
         self.queue.add_used(head, written)
         if not self._flush_scheduled:
             self._flush_scheduled = True
