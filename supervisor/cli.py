@@ -187,14 +187,26 @@ def cmd_add(args: argparse.Namespace) -> int:
     if not flags:
         _err(f"config error: give a device ({_device_flag_names()})")
         return EXIT_CONFIG
+    import devices
+    from .control import ControlError, request
     try:
-        add_cli_devices(SupervisorConfig(), flags)
+        cfg = SupervisorConfig()
+        add_cli_devices(cfg, flags)
+        for spec in cfg.devices:   # the device's own keys, without opening anything
+            devices.DEVICE_TYPES[spec.type].parse(spec.name, dict(spec.options))
     except ConfigError as e:
         _err(f"config error: {e}")
         return EXIT_CONFIG
-    reply = _control(args, {"cmd": "add", "devices": [list(f) for f in flags], "cwd": os.getcwd()})
-    if reply is None:
+    try:
+        reply = request(args.control_socket or default_control_socket(),
+                        {"cmd": "add", "devices": [list(f) for f in flags], "cwd": os.getcwd()})
+    except ControlError as e:
+        _err(str(e))
         return 1
+    if not reply.get("ok"):
+        error = str(reply.get("error", "request failed"))
+        _err(error)
+        return EXIT_CONFIG if error.startswith("config error") else 1
     print(format_table({"devices": reply.get("devices", [])}))
     return 0
 

@@ -309,7 +309,7 @@ def _check_reload(sup: "Supervisor", new_cfg: SupervisorConfig, diff: Diff, forc
     validate(SupervisorConfig(devices=merged, control_socket=sup.cfg.control_socket))
     for old, new, fields in diff.changed:
         if set(fields) & set(RESTART_FIELDS):
-            devices.DEVICE_TYPES[new.type].builder.declaration.parse(new.name, dict(new.options))
+            devices.DEVICE_TYPES[new.type].parse(new.name, dict(new.options))
             _check_policy(sup, new)
             if new.socket != old.socket:
                 _check_socket_free(sup, new)
