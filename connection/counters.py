@@ -6,8 +6,9 @@ must not pay a system call per request.  The parent allocates a memfd page
 per device before the first fork and maps it ``MAP_SHARED``; every child of
 the device inherits the mapping across ``fork`` (no fd is passed; the memfd
 is sealed against resizing, so nothing can make the parent's reads fault).
-The child adds to the words with plain aligned 64-bit stores (one writer per
-queue: the loop thread); the parent copies the page and decodes it.
+The child's hot path adds to plain per-queue lists and publishes them to the
+page from a cold path (queue stop, heartbeat) with aligned 64-bit stores;
+the parent copies the page and decodes it.
 
 What the parent reads is what the *device says*: exported as such
 (``vhost_supervisor_device_reported_*``), bounds-checked, never used for a
@@ -31,6 +32,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+from array import array
 from dataclasses import dataclass, field
 
 PAGE = 4096
@@ -44,15 +46,22 @@ QUEUE_WORDS = HIST + len(LATENCY_BOUNDS_NS) + 1
 MAX_QUEUES = (PAGE // 8 - HEADER_WORDS) // QUEUE_WORDS
 _WORDS = PAGE // 8
 _PAGE_FMT = struct.Struct(f"<{_WORDS}Q")
+_U64 = (1 << 64) - 1
 
 
 class DeviceCounters:
-    """The child's view: one ``memoryview`` of u64 words per queue.
+    """The child's side: per-queue tallies the hot path adds to, published
+    to the page off the hot path.
 
-    A device keeps ``queue(qi)`` and adds to its words on the hot path
-    (``q[REQUESTS] += n``: an aligned 8-byte store, never torn).  Every
-    device has one: a private page outside the supervisor (standalone,
-    benchmarks), the shared page under it, so the hot path is the same code.
+    A device adds to ``tally(qi)`` (a plain list: a list item add costs a
+    third of a shared-memory word's) and calls ``publish()`` from a cold
+    path (its queue stopping, the supervisor's heartbeat, about once a
+    second).  A tally has the page's layout except word ``REQUESTS``, which
+    counts only the requests *not* in the histogram: the histogram already
+    counts the timed ones, so the hot path adds once per batch, not twice;
+    ``publish`` writes their sum.  Every device has counters: a private page
+    outside the supervisor (standalone, benchmarks), the shared page under
+    it, so the hot path is the same code.
     """
 
     def __init__(self, buf: "mmap.mmap | bytearray", queues: int) -> None:
@@ -60,22 +69,44 @@ class DeviceCounters:
             raise ValueError(f"counters page of {len(buf)} bytes, need {PAGE}")
         self.words = memoryview(buf).cast("B")[:PAGE].cast("Q")
         self.queues = max(0, min(int(queues), MAX_QUEUES))
-        self.words[0] = MAGIC
-        self.words[1] = VERSION
+        self._tallies: dict[int, list[int]] = {}
+        if self.words[0] != MAGIC or self.words[1] != VERSION:
+            self.words[3:HEADER_WORDS + self.queues * QUEUE_WORDS] = array("Q", bytes(
+                8 * (HEADER_WORDS - 3 + self.queues * QUEUE_WORDS)))
         self.words[2] = self.queues
-        self._spare = memoryview(bytearray(QUEUE_WORDS * 8)).cast("Q")
+        self.words[1] = VERSION
+        self.words[0] = MAGIC
 
     @classmethod
     def private(cls, queues: int) -> "DeviceCounters":
         """Counters nobody reads (no supervisor): same code path, own memory."""
         return cls(bytearray(PAGE), queues)
 
-    def queue(self, qi: int) -> memoryview:
-        """The words of queue ``qi``; a queue past MAX_QUEUES counts into a spare."""
-        if 0 <= qi < self.queues:
+    def tally(self, qi: int) -> list[int]:
+        """Queue ``qi``'s tally, continuing from what the page holds (a previous
+        child of the same device counted there); a queue past MAX_QUEUES
+        counts into a tally that is never published."""
+        t = self._tallies.get(qi)
+        if t is None:
+            if 0 <= qi < self.queues:
+                base = HEADER_WORDS + qi * QUEUE_WORDS
+                t = self.words[base:base + QUEUE_WORDS].tolist()
+                t[REQUESTS] = max(0, t[REQUESTS] - sum(t[HIST:]))
+            else:
+                t = [0] * QUEUE_WORDS
+            self._tallies[qi] = t
+        return t
+
+    def publish(self) -> None:
+        """Copy every tally to the page (word by word: aligned 8-byte stores)."""
+        words = self.words
+        for qi, t in self._tallies.items():
+            if not 0 <= qi < self.queues:
+                continue
             base = HEADER_WORDS + qi * QUEUE_WORDS
-            return self.words[base:base + QUEUE_WORDS]
-        return self._spare
+            out = [v & _U64 for v in t]
+            out[REQUESTS] = (t[REQUESTS] + sum(t[HIST:])) & _U64
+            words[base:base + QUEUE_WORDS] = array("Q", out)
 
 
 def latency_bucket(ns: int, bounds: tuple[int, ...] = LATENCY_BOUNDS_NS) -> int:

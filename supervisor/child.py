@@ -84,6 +84,7 @@ class ReadyBuilder(VhostUserDeviceBuilder):
         self._status_fd = status_fd
         self._hb_fd = heartbeat_fd
         self._counters = counters
+        self._publish: Any = None
 
     def build(self, ex: Any) -> Any:
         device = self._inner.build(ex)
@@ -91,6 +92,7 @@ class ReadyBuilder(VhostUserDeviceBuilder):
         if self._counters is not None and attach is not None:
             # the parent's page (connection.counters), inherited across fork
             attach(self._counters.for_device(int(getattr(device, "max_queue_num", lambda: 1)())))
+            self._publish = getattr(device, "publish_counters", None)
         if self._hb_fd is not None:
             os.set_blocking(self._hb_fd, False)
             ex.loop.add_reader(self._hb_fd, self._answer, ex.loop)
@@ -109,6 +111,8 @@ class ReadyBuilder(VhostUserDeviceBuilder):
             data = os.read(fd, 64)
             if data:
                 os.write(fd, data)
+                if self._publish is not None:
+                    self._publish()   # the device's counters, about once per heartbeat
                 return
         except BlockingIOError:
             return

@@ -114,8 +114,14 @@ def test_metrics_match_what_was_done(sup: SupervisorProc) -> None:
     m = scrape_tcp(port)
     assert val(m, "vhost_supervisor_device_reported_requests_total", **Q) == n
     assert val(m, "vhost_supervisor_device_reported_errors_total", **Q) == 1
-    assert val(m, "vhost_supervisor_device_reported_latency_seconds_count", **Q) == n
-    assert val(m, "vhost_supervisor_device_reported_latency_seconds_bucket", le="+Inf", **Q) == n
+    # latency is sampled (the first batch of one serving drain in LATENCY_SAMPLE, the
+    # very first included): at least the first request, never more than were served
+    timed = val(m, "vhost_supervisor_device_reported_latency_seconds_count", **Q)
+    assert 1 <= timed <= n, (timed, n)
+    les = ["5e-05", "0.0002", "0.001", "0.005", "0.025", "+Inf"]
+    cumulative = [val(m, "vhost_supervisor_device_reported_latency_seconds_bucket", le=le, **Q) for le in les]
+    assert cumulative == sorted(cumulative), cumulative
+    assert val(m, "vhost_supervisor_device_reported_latency_seconds_bucket", le="+Inf", **Q) == timed
     assert val(m, "vhost_supervisor_device_reported_latency_seconds_sum", **Q) > 0
     # data + header + status bytes: each write moves 4096 + 16 + 1, each read the same, flush 17, the bad read 17
     assert val(m, "vhost_supervisor_device_reported_bytes_total", **Q) == (writes + reads) * 4113 + 17 + 17
