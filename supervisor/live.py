@@ -307,14 +307,16 @@ def _check_reload(sup: "Supervisor", new_cfg: SupervisorConfig, diff: Diff, forc
     # devices added at run time stay: the file must not collide with them
     merged = list(new_cfg.devices) + [copy.copy(sup.slots[n].spec) for n in diff.kept]
     validate(SupervisorConfig(devices=merged, control_socket=sup.cfg.control_socket))
+    released = _released(sup, diff)
     for old, new, fields in diff.changed:
         if set(fields) & set(RESTART_FIELDS):
             devices.DEVICE_TYPES[new.type].parse(new.name, dict(new.options))
             _check_policy(sup, new)
-            if new.socket != old.socket:
+            if new.socket != old.socket and new.socket not in released:
                 _check_socket_free(sup, new)
     for spec in diff.added:
-        _check_socket_free(sup, spec)
+        if spec.socket not in released:
+            _check_socket_free(sup, spec)
         _check_policy(sup, spec)
     if not force:
         busy = [n for n in diff.removed if _connected(sup, sup.slots[n])]
@@ -323,6 +325,31 @@ def _check_reload(sup: "Supervisor", new_cfg: SupervisorConfig, diff: Diff, forc
         if busy:
             raise ConfigError(f"a front-end is connected to {', '.join(busy)}, which the reload would remove or "
                               f"restart (detach it first, or reload --force)", "reload")
+
+
+def _released(sup: "Supervisor", diff: Diff) -> set[str]:
+    """Sockets and image paths the reload frees before it adds (removed devices,
+    restarted ones): a renamed device may reuse them."""
+    out: set[str] = set()
+    olds = [sup.slots[n].spec for n in diff.removed] + \
+        [old for old, _, f in diff.changed if set(f) & set(RESTART_FIELDS)]
+    for spec in olds:
+        out.add(spec.socket)
+        if spec.options.get("path"):
+            out.add(os.path.abspath(spec.options["path"]))
+    return out
+
+
+def _open_added(sup: "Supervisor", diff: Diff) -> tuple[dict[str, Any], list[DeviceSpec]]:
+    """Open the added devices' resources now (all or nothing), except those on a
+    socket or image a removed or restarted device still holds (a rename): those
+    are opened after it is gone (``deferred``)."""
+    released = _released(sup, diff)
+    deferred = [d for d in diff.added if d.socket in released or
+                (d.options.get("path") and os.path.abspath(d.options["path"]) in released)]
+    for d in deferred:
+        devices.DEVICE_TYPES[d.type].parse(d.name, dict(d.options))
+    return _open(sup, [d for d in diff.added if d not in deferred]), deferred
 
 
 async def _change(sup: "Supervisor", slot: DeviceSlot, new: DeviceSpec, fields: list[str]) -> str | None:
@@ -386,7 +413,7 @@ async def request_reload(sup: "Supervisor", req: dict[str, Any]) -> dict[str, An
             new_cfg = build_config(**source)
             diff = compute_diff(sup, new_cfg)
             _check_reload(sup, new_cfg, diff, force)
-            builders = _open(sup, diff.added)
+            builders, deferred = _open_added(sup, diff)
         except ConfigError as e:
             sup.reload_counts["error"] = sup.reload_counts.get("error", 0) + 1
             logs.event(None, "reload-failed", logging.ERROR, by=by, error=str(e), msg="nothing changed")
@@ -415,9 +442,13 @@ async def request_reload(sup: "Supervisor", req: dict[str, Any]) -> dict[str, An
                 started.append(slot)
             slot.runtime = False
         for spec in diff.added:
+            builder = None
             try:
-                slot = _install(sup, spec, builders.pop(spec.name), runtime=False)
+                builder = builders.pop(spec.name) if spec not in deferred else _open(sup, [spec])[spec.name]
+                slot = _install(sup, spec, builder, runtime=False)
             except ConfigError as e:
+                if builder is not None:
+                    builder.close()
                 errors.append(f"device {spec.name}: {e}")
                 continue
             logs.event(slot.name, "added", by="reload", type=spec.type, socket=spec.socket)
@@ -425,8 +456,7 @@ async def request_reload(sup: "Supervisor", req: dict[str, Any]) -> dict[str, An
             started.append(slot)
         for b in builders.values():
             b.close()
-        if "grace-period" not in diff.settings:
-            sup.cfg.grace_period = new_cfg.grace_period
+        sup.cfg.grace_period = new_cfg.grace_period     # the one setting applied live
         sup.cfg.devices = [s.spec for s in sup.slots.values()]
         await _settle(sup, started)
         sup.reload_counts["applied"] = sup.reload_counts.get("applied", 0) + 1

@@ -42,7 +42,7 @@ CHILD_MODULES = (
     "connection.inflight", "connection.transport", "connection.protocol", "connection.executor",
     "traceback", "linecache", "tokenize", "concurrent.futures", "concurrent.futures.thread",
     "asyncio.unix_events", "uvloop", "mmap", "fcntl", "struct", "array", "selectors",
-    "encodings.idna", "encodings.ascii", "encodings.latin_1", "connection.counters", "bisect",
+    "encodings.idna", "encodings.ascii", "encodings.latin_1", "connection.counters",
 ) + devices.child_modules()
 COMMANDS = ("status", "ping", "restart", "stop", "start", "add", "remove", "reload")
 TICK = 1.0     # seconds between heartbeat rounds (less for a watchdog-sec under 4 s)

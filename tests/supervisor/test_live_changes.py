@@ -278,3 +278,21 @@ def test_reload_without_a_config_file_is_an_error(sup: SupervisorProc) -> None:
     assert res.returncode == 1 and "without --config" in res.stderr, res.stderr
     assert sup.status()["rng-0"]["state"] == "ready"
     assert sup.terminate() == 0
+
+
+def test_reload_renames_a_device_on_the_same_socket_and_image(sup: SupervisorProc) -> None:
+    """The old name's child releases the socket and the image lock before the new name opens them."""
+    img = sup.image()
+    a = sup.path("a.sock")
+    conf = sup.path("devices.toml")
+    write_config(conf, [{"type": "block", "name": "old", "vhost": a, "path": img}])
+    sup.start(*NOSANDBOX, "--config", conf)
+    drive_block(a, 0, b"R" * 4096)
+    write_config(conf, [{"type": "block", "name": "new", "vhost": a, "path": img}])
+    res = cli(sup, "reload")
+    assert res.returncode == 0, (res.stdout, res.stderr)
+    assert "added: new" in res.stdout and "removed: old" in res.stdout, res.stdout
+    assert sorted(sup.status()) == ["new"]
+    assert sup.wait_state("new", "ready")["socket"] == a
+    assert drive_block(a, 0, b"R" * 4096) == b"R" * 4096
+    assert sup.terminate() == 0
