@@ -99,3 +99,22 @@ def _range(page: CountersPage) -> str:
             if lo <= addr < hi:
                 return line.split()[0]
     raise AssertionError("counters page not in /proc/self/maps")
+
+
+def test_metrics_listen_addresses() -> None:
+    """Loopback or a Unix socket; everything else is a config error naming the key and value."""
+    import pytest
+
+    from devices import ConfigError
+    from supervisor.prometheus import parse_listen
+    assert parse_listen("127.0.0.1:9101").host == "127.0.0.1"
+    assert parse_listen("127.8.9.10:9101").port == 9101
+    assert parse_listen("[::1]:9101").host == "::1"
+    assert parse_listen("localhost:9101").host == "127.0.0.1"
+    assert parse_listen("unix:/tmp/m.sock").path == "/tmp/m.sock"
+    assert parse_listen("/tmp/m.sock").text == "unix:/tmp/m.sock"
+    for bad in ("0.0.0.0:9101", "192.168.1.1:9101", "[::]:9101", "host:9101", "127.0.0.1", "127.0.0.1:0",
+                "127.0.0.1:70000", "/no/such/dir/m.sock", ""):
+        with pytest.raises(ConfigError) as e:
+            parse_listen(bad)
+        assert "metrics-listen" in str(e.value)
