@@ -39,8 +39,10 @@ def _desc(table: memoryview, i: int, addr: int, length: int, flags: int, nxt: in
     table[2 * i + 1] = length | (flags << 32) | (nxt << 48)
 
 
-def run(batch: int, seconds: float, repeat: int) -> float:
-    """µs of CPU per request, best of ``repeat``."""
+def run(batch: int, seconds: float, repeat: int, requests: int = 0) -> float:
+    """µs of CPU per request, best of ``repeat``; with ``requests``, serve exactly
+    that many and return 0 (for an instruction count under valgrind, which no
+    neighbour's load can blur)."""
     from devices.block import BlockDevice
     size = 8 * MiB
     fd = os.memfd_create("bench-guest", os.MFD_CLOEXEC)
@@ -88,6 +90,13 @@ def run(batch: int, seconds: float, repeat: int) -> float:
     batch = min(batch, per)
     idx = 0
     best = float("inf")
+    if requests:
+        for _ in range(requests // batch):
+            idx = (idx + batch) & 0xFFFF
+            avail[1] = idx
+            drain()
+        repeat = 0
+        best = 0.0
     for _ in range(repeat):
         done = 0
         end = time.perf_counter() + seconds / repeat
@@ -110,7 +119,15 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--batch", type=int, action="append", help="requests per drain (repeatable; default 1, 32)")
+    ap.add_argument("--requests", type=int, default=0,
+                    help="serve exactly this many per batch size, untimed (run under valgrind --tool=callgrind "
+                         "twice with different counts; the difference of the Ir totals / the difference of "
+                         "the counts is instructions per request)")
     args = ap.parse_args()
+    if args.requests:
+        for b in args.batch or [1, 32]:
+            run(b, 0, 0, args.requests)
+        return
     for b in args.batch or [1, 32]:
         print(f"batch {b:3d}: {run(b, args.seconds, args.repeat):6.3f} us CPU/request")
 

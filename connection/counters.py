@@ -53,15 +53,13 @@ class DeviceCounters:
     """The child's side: per-queue tallies the hot path adds to, published
     to the page off the hot path.
 
-    A device adds to ``tally(qi)`` (a plain list: a list item add costs a
-    third of a shared-memory word's) and calls ``publish()`` from a cold
-    path (its queue stopping, the supervisor's heartbeat, about once a
-    second).  A tally has the page's layout except word ``REQUESTS``, which
-    counts only the requests *not* in the histogram: the histogram already
-    counts the timed ones, so the hot path adds once per batch, not twice;
-    ``publish`` writes their sum.  Every device has counters: a private page
-    outside the supervisor (standalone, benchmarks), the shared page under
-    it, so the hot path is the same code.
+    A device adds to ``tally(qi)`` (a plain list, in the page's layout: a
+    list item add costs a third of a shared-memory word's), or keeps running
+    totals of its own and stores them there, and calls ``publish()`` from a
+    cold path (its queue stopping, the supervisor's heartbeat, about once a
+    second).  Every device has counters: a private page outside the
+    supervisor (standalone, benchmarks), the shared page under it, so the
+    hot path is the same code.
     """
 
     def __init__(self, buf: "mmap.mmap | bytearray", queues: int) -> None:
@@ -91,7 +89,6 @@ class DeviceCounters:
             if 0 <= qi < self.queues:
                 base = HEADER_WORDS + qi * QUEUE_WORDS
                 t = self.words[base:base + QUEUE_WORDS].tolist()
-                t[REQUESTS] = max(0, t[REQUESTS] - sum(t[HIST:]))
             else:
                 t = [0] * QUEUE_WORDS
             self._tallies[qi] = t
@@ -104,9 +101,7 @@ class DeviceCounters:
             if not 0 <= qi < self.queues:
                 continue
             base = HEADER_WORDS + qi * QUEUE_WORDS
-            out = [v & _U64 for v in t]
-            out[REQUESTS] = (t[REQUESTS] + sum(t[HIST:])) & _U64
-            words[base:base + QUEUE_WORDS] = array("Q", out)
+            words[base:base + QUEUE_WORDS] = array("Q", [v & _U64 for v in t])
 
 
 def latency_bucket(ns: int, bounds: tuple[int, ...] = LATENCY_BOUNDS_NS) -> int:

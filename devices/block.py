@@ -178,13 +178,16 @@ class BlockDevice(QueueTaskDevice):
         #: The device's own I/O counters (connection.counters): private until
         #: the supervisor attaches its shared page.
         self.counters = DeviceCounters.private(num_queues)
+        self._syncs: dict[int, Any] = {}   # queue -> store its serving closure's totals in the tally
 
     def attach_counters(self, counters: DeviceCounters) -> None:
         """Count into ``counters`` (the supervisor's page) from the next queue start."""
         self.counters = counters
 
     def publish_counters(self) -> None:
-        """Copy the tallies to the counters page (cold path: heartbeat, queue stop)."""
+        """Copy the running totals to the counters page (cold path: heartbeat, queue stop)."""
+        for sync in self._syncs.values():
+            sync()
         self.counters.publish()
 
     # ---------------------------------------------------------------- virtio
@@ -242,6 +245,9 @@ class BlockDevice(QueueTaskDevice):
         pooled = self._pooled.pop(index, None)
         if pooled is not None:
             pooled.stop()
+        sync = self._syncs.pop(index, None)
+        if sync is not None:
+            sync()
         self.counters.publish()
 
     def reset(self) -> None:
@@ -283,25 +289,34 @@ class BlockDevice(QueueTaskDevice):
         handle = self._handle
         wait_kick = queue.wait_kick
         publish = queue.publish
-        # Counters (connection.counters): added to a plain list at each
-        # notification decision, never per request.  One serving drain in
-        # LATENCY_SAMPLE is timed: the requests of its first batch go to the
-        # latency histogram (from the start of the drain, when they were
-        # waiting, to the decision that makes them visible to the driver),
-        # every other request to the untimed count.  Two clock reads per
-        # drain would cost a QD1 request more than the rest of the counting
-        # (benchmarks/README.md, "Device counters").
+        # Counters (connection.counters): running totals in this closure's
+        # cells (the cheapest add there is), stored into the queue's tally by
+        # ``sync`` on the cold path (``publish_counters``, ``stop_queue``).
+        # Requests are added at each notification decision, never per
+        # request.  Latency is sampled: a drain that starts with the request
+        # count a multiple of LATENCY_SAMPLE is timed, and the requests of its
+        # first batch go to the histogram (from the start of the drain, when
+        # they were waiting, to the decision that makes them visible to the
+        # driver).  Timing every drain would cost a QD1 request more than the
+        # rest of the counting (benchmarks/README.md, "Device counters").
         tally = self.counters.tally(qi)
+        reqs = tally[REQUESTS]
+        nbytes = tally[BYTES]
         b0, b1, b2, b3, b4 = LATENCY_BOUNDS_NS
         sample = LATENCY_SAMPLE - 1
-        drains = 0
+
+        def sync() -> None:
+            tally[REQUESTS] = reqs
+            tally[BYTES] = nbytes
+
+        self._syncs[qi] = sync
 
         def drain() -> None:
-            nonlocal drains
+            nonlocal reqs, nbytes
             n = 0        # completions since the last notification decision
             moved = 0    # bytes in this drain
             mark = 0     # ``moved`` at the last publication
-            timed = not drains & sample     # drains that served something, so far
+            timed = not reqs & sample
             t0 = monotonic_ns() if timed else 0
             while (chain := pop()) is not None:
                 written = handle(chain, qi)
@@ -313,6 +328,7 @@ class BlockDevice(QueueTaskDevice):
                 moved += written + chain.readable_len
                 if n >= MAX_BATCH or n >= queue.pending:
                     flush()
+                    reqs += n
                     if timed:   # the drain's first batch only: later ones arrived after t0
                         dt = monotonic_ns() - t0
                         tally[LATENCY_SUM] += dt * n
@@ -320,8 +336,6 @@ class BlockDevice(QueueTaskDevice):
                               (HIST + 2 if dt <= b2 else HIST + 3 if dt <= b3 else HIST + 4 if dt <= b4
                                else HIST + 5)] += n
                         timed = False
-                    else:
-                        tally[REQUESTS] += n
                     n = 0
                     mark = moved
                 elif moved - mark >= FLUSH_BYTES:
@@ -329,17 +343,14 @@ class BlockDevice(QueueTaskDevice):
                     mark = moved
             flush()
             if n:
+                reqs += n
                 if timed:
                     dt = monotonic_ns() - t0
                     tally[LATENCY_SUM] += dt * n
                     tally[(HIST if dt <= b0 else HIST + 1) if dt <= b1 else
                           (HIST + 2 if dt <= b2 else HIST + 3 if dt <= b3 else HIST + 4 if dt <= b4
                            else HIST + 5)] += n
-                else:
-                    tally[REQUESTS] += n
-            if moved:
-                drains += 1
-                tally[BYTES] += moved
+            nbytes += moved
 
         self._hook(qi, queue, drain)
         try:
@@ -620,7 +631,7 @@ class _PooledQueue:
                     if written < 0:
                         queue.mark_broken("block request without a status byte")
                         return
-                    t = self.dev.counters.tally(qi)   # untimed (REQUESTS): served beside the threads
+                    t = self.dev.counters.tally(qi)   # not timed: served beside the threads
                     t[REQUESTS] += 1
                     t[BYTES] += written + chain.readable_len
                     queue.add_used(chain.head, written)

@@ -26,13 +26,13 @@ def test_fresh_page_reads_as_nothing_until_a_device_writes_its_header() -> None:
         page.close()
 
 
-def test_publish_sums_timed_and_untimed_requests_and_survives_a_new_child() -> None:
+def test_publish_and_a_new_child_continues_the_counts() -> None:
     page = CountersPage("t")
     try:
         first = page.for_device(1)
         t = first.tally(0)
-        t[REQUESTS] += 3                 # untimed
-        t[HIST + 1] += 2                 # timed, second bucket
+        t[REQUESTS] += 5                 # all requests
+        t[HIST + 1] += 2                 # two of them timed, second bucket
         t[LATENCY_SUM] += 2 * 100_000
         t[BYTES] += 4113 * 5
         t[ERRORS] += 1
@@ -44,6 +44,7 @@ def test_publish_sums_timed_and_untimed_requests_and_survives_a_new_child() -> N
         # the next child of the same device (same page): continues from there
         second = page.for_device(1)
         t2 = second.tally(0)
+        t2[REQUESTS] += 1
         t2[HIST] += 1
         second.publish()
         q = page.read().per_queue[0]

@@ -10,6 +10,7 @@ counters page crosses the jail).
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -73,7 +74,12 @@ def test_metrics_match_what_was_done(sup: SupervisorProc) -> None:
     img = sup.image()
     blk, rng = sup.path("b.sock"), sup.path("r.sock")
     port = free_port()
-    sup.start("--block", f"vhost={blk},path={img}", "--rng", f"vhost={rng}",
+    # jailed, with a uid-range of its own (other supervisors on this host may use the default)
+    conf = sup.path("sup.toml")
+    start = 1879048192 + 65536 * random.randrange(1, 1000)
+    with open(conf, "w") as f:
+        f.write(f'[supervisor]\nuid-range = "{start}-{start + 255}"\n')
+    sup.start("--config", conf, "--block", f"vhost={blk},path={img}", "--rng", f"vhost={rng}",
               "--metrics-listen", f"127.0.0.1:{port}")
     m = scrape_tcp(port)
     B = {"device": "block-0", "type": "block"}
