@@ -12,6 +12,7 @@ first disk's child must never change, and its loop must see no error.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 
 import pytest
@@ -91,7 +92,12 @@ def test_hotplug_a_disk_added_at_run_time(make_qemu, workdir):
     base_img = gs.make_image(workdir / "base.img", 16 * MiB)
     hp_img = gs.make_image(workdir / "hot.img", 8 * MiB)
     base_sock, hp_sock = workdir / "base.sock", workdir / "hot.sock"
-    sup = Supervisor(workdir, ["--block", f"vhost={base_sock},path={base_img},name=base"], workdir / "supervisor.log")
+    # a uid-range of its own: other supervisors on this host may hold the default one
+    conf = workdir / "sup.toml"
+    start = 1879048192 + 65536 * random.randrange(1000, 2000)
+    conf.write_text(f'[supervisor]\nuid-range = "{start}-{start + 255}"\n')
+    sup = Supervisor(workdir, ["--config", str(conf), "--block", f"vhost={base_sock},path={base_img},name=base"],
+                     workdir / "supervisor.log")
     bg_data = gs.pattern(seed=31, size=gs.BS)
     hp_data = gs.pattern(seed=32, size=HP_SIZE)
     script = GUEST.format(bs=gs.BS, hp_blocks_off=HP_OFFSET // gs.BS, hp_blocks=HP_SIZE // gs.BS,
