@@ -19,6 +19,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from frontend.exercise import drive_rng
 from frontend.vhost_user import VhostUserFrontend
 from frontend.virtio_blk import BlockDriver
 
@@ -134,20 +135,29 @@ def test_metrics_match_what_was_done(sup: SupervisorProc) -> None:
     assert val(m, "vhost_supervisor_device_reconnects_total", **B) == 1
     assert val(m, "vhost_supervisor_device_crashes_total", kind="signaled", **B) == 0
 
-    # a crash: SIGKILL the rng child; counted by kind, apart from reconnects
+    # the rng device reports its requests too (one of 64 bytes)
     R = {"device": "rng-0", "type": "rng"}
+    assert len(drive_rng(rng)) == 64
+    sup.wait_state("rng-0", "ready", pred=lambda d: d["reconnects"] == 1)
+    m = scrape_tcp(port)
+    assert val(m, "vhost_supervisor_device_reported_requests_total", queue="0", **R) == 1
+    assert val(m, "vhost_supervisor_device_reported_bytes_total", queue="0", **R) == 64
+    assert not [k for k in m if k[0].startswith("vhost_supervisor_device_reported_latency") and
+                dict(k[1]).get("device") == "rng-0"]
+
+    # a crash: SIGKILL the rng child; counted by kind, apart from reconnects
     pid = sup.status()["rng-0"]["pid"]
     os.kill(pid, signal.SIGKILL)
     sup.wait_state("rng-0", "ready", pred=lambda d: d["pid"] not in (None, pid))
     m = scrape_tcp(port)
     assert val(m, "vhost_supervisor_device_crashes_total", kind="signaled", **R) == 1
     assert val(m, "vhost_supervisor_device_crashes_total", kind="seccomp", **R) == 0
-    assert val(m, "vhost_supervisor_device_reconnects_total", **R) == 0
+    assert val(m, "vhost_supervisor_device_reconnects_total", **R) == 1
     assert val(m, "vhost_supervisor_device_recent_crashes", **R) == 1
     assert val(m, "vhost_supervisor_device_crash_looping", **R) == 0
     assert val(m, "vhost_supervisor_device_requested_exits_total", **R) == 0
     st = sup.status()["rng-0"]
-    assert st["crashes"] == {"signaled": 1} and st["reconnects"] == 0
+    assert st["crashes"] == {"signaled": 1} and st["reconnects"] == 1
     # the device's counters survive its crash (one page per device, not per child)
     assert val(m, "vhost_supervisor_device_reported_requests_total", **Q) == n
 
