@@ -25,8 +25,10 @@ import mmap
 import os
 import struct
 import threading
+from time import monotonic_ns
 from typing import Any, NamedTuple
 
+from connection.counters import BYTES, ERRORS, HIST, LATENCY_BOUNDS_NS, LATENCY_SUM, REQUESTS, DeviceCounters
 from connection.executor import Executor
 from connection.protocol import ProtocolFeature, VirtioFeature
 from connection.kick import POLL_MAX_NS
@@ -64,6 +66,8 @@ DIRECT_IO_THREADS = 8
 #: Bounce buffer per serving thread for O_DIRECT requests whose guest
 #: buffers are not aligned: a request moves through it in chunks.
 BOUNCE_SIZE = 1 << 20
+#: One drain in this many (a power of two) is timed for the latency histogram.
+LATENCY_SAMPLE = 8
 #: Bytes moved before the used index is published (without a notification)
 #: even if more requests wait.
 FLUSH_BYTES = 64 << 10
@@ -187,6 +191,20 @@ class BlockDevice(QueueTaskDevice):
         self._bounce = threading.local()
         self._bounce_failed = False
         self._oom_logged = False
+        #: The device's own I/O counters (connection.counters): private until
+        #: the supervisor attaches its shared page.
+        self.counters = DeviceCounters.private(num_queues)
+        self._syncs: dict[int, Any] = {}   # queue -> store its serving closure's totals in the tally
+
+    def attach_counters(self, counters: DeviceCounters) -> None:
+        """Count into ``counters`` (the supervisor's page) from the next queue start."""
+        self.counters = counters
+
+    def publish_counters(self) -> None:
+        """Copy the running totals to the counters page (cold path: heartbeat, queue stop)."""
+        for sync in self._syncs.values():
+            sync()
+        self.counters.publish()
 
     # ---------------------------------------------------------------- virtio
 
@@ -243,6 +261,10 @@ class BlockDevice(QueueTaskDevice):
         pooled = self._pooled.pop(index, None)
         if pooled is not None:
             pooled.stop()
+        sync = self._syncs.pop(index, None)
+        if sync is not None:
+            sync()
+        self.counters.publish()
 
     def reset(self) -> None:
         super().reset()
@@ -283,10 +305,35 @@ class BlockDevice(QueueTaskDevice):
         handle = self._handle
         wait_kick = queue.wait_kick
         publish = queue.publish
+        # Counters (connection.counters): running totals in this closure's
+        # cells (the cheapest add there is), stored into the queue's tally by
+        # ``sync`` on the cold path (``publish_counters``, ``stop_queue``).
+        # Requests are added at each notification decision, never per
+        # request.  Latency is sampled: a drain that starts with the request
+        # count a multiple of LATENCY_SAMPLE is timed, and the requests of its
+        # first batch go to the histogram (from the start of the drain, when
+        # they were waiting, to the decision that makes them visible to the
+        # driver).  Timing every drain would cost a QD1 request more than the
+        # rest of the counting (benchmarks/README.md, "Device counters").
+        tally = self.counters.tally(qi)
+        reqs = tally[REQUESTS]
+        nbytes = tally[BYTES]
+        b0, b1, b2, b3, b4 = LATENCY_BOUNDS_NS
+        sample = LATENCY_SAMPLE - 1
+
+        def sync() -> None:
+            tally[REQUESTS] = reqs
+            tally[BYTES] = nbytes
+
+        self._syncs[qi] = sync
 
         def drain() -> None:
+            nonlocal reqs, nbytes
             n = 0        # completions since the last notification decision
-            moved = 0    # bytes since the last publication
+            moved = 0    # bytes in this drain
+            mark = 0     # ``moved`` at the last publication
+            timed = not reqs & sample
+            t0 = monotonic_ns() if timed else 0
             while (chain := pop()) is not None:
                 try:
                     written = handle(chain, qi)
@@ -300,11 +347,29 @@ class BlockDevice(QueueTaskDevice):
                 moved += written + chain.readable_len
                 if n >= MAX_BATCH or n >= queue.pending:
                     flush()
-                    n = moved = 0
-                elif moved >= FLUSH_BYTES:
+                    reqs += n
+                    if timed:   # the drain's first batch only: later ones arrived after t0
+                        dt = monotonic_ns() - t0
+                        tally[LATENCY_SUM] += dt * n
+                        tally[(HIST if dt <= b0 else HIST + 1) if dt <= b1 else
+                              (HIST + 2 if dt <= b2 else HIST + 3 if dt <= b3 else HIST + 4 if dt <= b4
+                               else HIST + 5)] += n
+                        timed = False
+                    n = 0
+                    mark = moved
+                elif moved - mark >= FLUSH_BYTES:
                     publish()
-                    moved = 0
+                    mark = moved
             flush()
+            if n:
+                reqs += n
+                if timed:
+                    dt = monotonic_ns() - t0
+                    tally[LATENCY_SUM] += dt * n
+                    tally[(HIST if dt <= b0 else HIST + 1) if dt <= b1 else
+                          (HIST + 2 if dt <= b2 else HIST + 3 if dt <= b3 else HIST + 4 if dt <= b4
+                           else HIST + 5)] += n
+            nbytes += moved
 
         self._hook(qi, queue, drain)
         try:
@@ -345,6 +410,7 @@ class BlockDevice(QueueTaskDevice):
                 self._finish(transfer, bufs, offset, n, total)
         except OSError as exc:
             if not self._direct_retry(exc, read, bufs, offset, total):
+                self._failed(qi)
                 status[0] = S_IOERR
                 return 1
         if read:
@@ -354,6 +420,7 @@ class BlockDevice(QueueTaskDevice):
             try:
                 os.fdatasync(self.fd)
             except OSError:
+                self._failed(qi)
                 status[0] = S_IOERR
                 return 1
         status[0] = S_OK
@@ -383,8 +450,13 @@ class BlockDevice(QueueTaskDevice):
         last[len(last) - 1] = S_IOERR
         return 1
 
+    def _failed(self, qi: int) -> None:
+        """Count a request answered with an error (rare path; counters.ERRORS)."""
+        self.counters.tally(qi)[ERRORS] += 1
+
     def _bad(self, qi: int, what: str) -> None:
-        """Log a malformed request once per queue (a guest can send millions)."""
+        """Log a malformed request once per queue (a guest can send millions); count it."""
+        self._failed(qi)
         if qi not in self._warned:
             self._warned.add(qi)
             log.warning("device=%s queue=%d bad request: %s (further ones on this queue not logged)",
@@ -466,6 +538,7 @@ class BlockDevice(QueueTaskDevice):
                 try:
                     os.fdatasync(self.fd)
                 except OSError:
+                    self._failed(qi)
                     status[0] = S_IOERR
                     return 1
             status[0] = S_OK
@@ -545,6 +618,7 @@ class BlockDevice(QueueTaskDevice):
             try:
                 os.fdatasync(self.fd)
             except OSError:
+                self._failed(qi)
                 return S_IOERR
         return S_OK
 
@@ -618,6 +692,9 @@ class _PooledQueue:
                     if written < 0:
                         queue.mark_broken("block request without a status byte")
                         return
+                    t = self.dev.counters.tally(qi)   # not timed: served beside the threads
+                    t[REQUESTS] += 1
+                    t[BYTES] += written + chain.readable_len
                     queue.add_used(chain.head, written)
                     queue.flush()
                     break
@@ -657,6 +734,9 @@ class _PooledQueue:
         if written < 0:
             self.queue.mark_broken("block request without a status byte")
             return
+        t = self.dev.counters.tally(self.qi)
+        t[REQUESTS] += 1
+        t[BYTES] += written   # the device-written part (the chain is gone with the thread)
         self.queue.add_used(head, written)
         if not self._flush_scheduled:
             self._flush_scheduled = True

@@ -10,6 +10,7 @@ import logging
 import os
 from typing import Any
 
+from connection.counters import BYTES, ERRORS, REQUESTS, DeviceCounters
 from connection.executor import Executor
 from connection.protocol import VirtioFeature
 
@@ -27,6 +28,21 @@ MAX_PER_REQUEST = 64 << 10
 class RngDevice(QueueTaskDevice):
     """requestq: every device-writable buffer gets random bytes."""
 
+    def __init__(self, ex: Executor, name: str) -> None:
+        super().__init__(ex, name)
+        #: requests and bytes per queue (connection.counters), per kick, not per request
+        self.counters = DeviceCounters.private(1)
+
+    def attach_counters(self, counters: DeviceCounters) -> None:
+        self.counters = counters
+
+    def publish_counters(self) -> None:
+        self.counters.publish()
+
+    def stop_queue(self, index: int) -> None:
+        super().stop_queue(index)
+        self.counters.publish()
+
     def max_queue_num(self) -> int:
         return 1
 
@@ -40,7 +56,9 @@ class RngDevice(QueueTaskDevice):
         pop = queue.pop
         add_used = queue.add_used
         warned = False
+        tally = self.counters.tally(qi)
         while await queue.wait_kick():
+            n = total = 0
             while (chain := pop()) is not None:
                 written = 0
                 for view in chain.writable:
@@ -52,12 +70,18 @@ class RngDevice(QueueTaskDevice):
                     written += len(data)
                     if len(data) < want:
                         break
-                if not written and not warned:
-                    warned = True
-                    log.warning("device=%s queue=%d request without a writable buffer "
-                                "(further ones not logged)", self.name, qi)
+                if not written:
+                    tally[ERRORS] += 1
+                    if not warned:
+                        warned = True
+                        log.warning("device=%s queue=%d request without a writable buffer "
+                                    "(further ones not logged)", self.name, qi)
                 add_used(chain.head, written)
+                n += 1
+                total += written
             queue.flush()
+            tally[REQUESTS] += n
+            tally[BYTES] += total
 
 
 class RngBuilder(DeviceBuilder):

@@ -79,13 +79,20 @@ class ReadyBuilder(VhostUserDeviceBuilder):
     """Wraps the device's builder in the child: after ``build`` succeeds, one
     byte on the status pipe tells the parent the device waits for a front-end."""
 
-    def __init__(self, inner: Any, status_fd: int, heartbeat_fd: int | None = None) -> None:
+    def __init__(self, inner: Any, status_fd: int, heartbeat_fd: int | None = None, counters: Any = None) -> None:
         self._inner = inner
         self._status_fd = status_fd
         self._hb_fd = heartbeat_fd
+        self._counters = counters
+        self._publish: Any = None
 
     def build(self, ex: Any) -> Any:
         device = self._inner.build(ex)
+        attach = getattr(device, "attach_counters", None)
+        if self._counters is not None and attach is not None:
+            # the parent's page (connection.counters), inherited across fork
+            attach(self._counters.for_device(int(getattr(device, "max_queue_num", lambda: 1)())))
+            self._publish = getattr(device, "publish_counters", None)
         if self._hb_fd is not None:
             os.set_blocking(self._hb_fd, False)
             ex.loop.add_reader(self._hb_fd, self._answer, ex.loop)
@@ -104,6 +111,8 @@ class ReadyBuilder(VhostUserDeviceBuilder):
             data = os.read(fd, 64)
             if data:
                 os.write(fd, data)
+                if self._publish is not None:
+                    self._publish()   # the device's counters, about once per heartbeat
                 return
         except BlockingIOError:
             return
@@ -116,7 +125,7 @@ class ReadyBuilder(VhostUserDeviceBuilder):
 
 
 def device_target(name: str, conn: Any, builder: Any, status_fd: int,
-                  heartbeat_fd: int | None = None) -> Callable[[], int]:
+                  heartbeat_fd: int | None = None, counters: Any = None) -> Callable[[], int]:
     """The function a child runs after jailing: serve one front-end, then exit."""
 
     def target() -> int:
@@ -126,7 +135,7 @@ def device_target(name: str, conn: Any, builder: Any, status_fd: int,
         try:
             setup_child_logging()
             ex = Executor()
-            conn.run_device(ex, ReadyBuilder(builder, status_fd, heartbeat_fd))
+            conn.run_device(ex, ReadyBuilder(builder, status_fd, heartbeat_fd, counters))
         except SystemExit as e:
             return e.code if isinstance(e.code, int) else 1
         except BaseException:  # noqa: BLE001 - the child reports and exits non-zero
@@ -299,8 +308,10 @@ def _check_single_threaded() -> None:
 
 
 def spawn_child(*, name: str, conn: Any, builder: Any, keep_fds: list[int], sandboxed: bool,
-                jail_kwargs: dict[str, Any] | None = None) -> ChildProcess:
-    """Fork one device child.  Returns after the fork; the child runs on its own."""
+                jail_kwargs: dict[str, Any] | None = None, counters: Any = None) -> ChildProcess:
+    """Fork one device child.  Returns after the fork; the child runs on its own.
+    ``counters`` (a ``connection.counters.CountersPage``) is mapped before the
+    fork, so the child inherits it; the device counts into it."""
     _check_single_threaded()
     log_r, log_w = os.pipe2(os.O_CLOEXEC)
     st_r, st_w = os.pipe2(os.O_CLOEXEC)
@@ -311,7 +322,7 @@ def spawn_child(*, name: str, conn: Any, builder: Any, keep_fds: list[int], sand
     os.set_blocking(st_r, False)
     os.set_blocking(hb_r, False)
     keep = sorted(set(keep_fds) | {st_w, hb_w})
-    target = device_target(name, conn, builder, st_w, hb_w)
+    target = device_target(name, conn, builder, st_w, hb_w, counters)
     try:
         if sandboxed:
             import sandbox

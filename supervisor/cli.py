@@ -74,7 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-format", choices=("text", "json"), default=None)
     run.add_argument("--grace-period", type=float, default=None, metavar="SEC",
                      help="SIGKILL children this long after SIGTERM (default 5)")
+    run.add_argument("--metrics-listen", metavar="PATH|HOST:PORT", default=None,
+                     help="serve Prometheus metrics on a Unix socket or a loopback TCP address (default: off)")
     _add_control(run)
+
+    add = sub.add_parser("add", help="add devices to a running supervisor (the syntax and checks of run)",
+                         description="Start new devices without touching the others.")
+    _add_device_flags(add)
+    _add_control(add)
+    rm = sub.add_parser("remove", help="stop a device and remove its socket",
+                        description="Refused while a front-end is connected, unless --force.")
+    rm.add_argument("name")
+    rm.add_argument("--force", action="store_true", help="remove even with a front-end connected")
+    _add_control(rm)
+    rl = sub.add_parser("reload", help="re-read the --config file and apply the difference (as SIGHUP)",
+                        description="Added devices start, removed ones stop, changed ones restart; unchanged "
+                                    "devices keep their children and connections.  A config error changes nothing.")
+    rl.add_argument("--force", action="store_true",
+                    help="also remove or restart devices whose front-end is connected")
+    rl.add_argument("--json", action="store_true")
+    _add_control(rl)
 
     st = sub.add_parser("status", help="show every device's state")
     st.add_argument("--json", action="store_true")
@@ -122,7 +141,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = build_config(config_file=args.config, ordered_flags=list(getattr(args, "devices", None) or []),
                            jail=args.jail, disable_sandbox=args.disable_sandbox,
                            control_socket=args.control_socket, log_format=args.log_format,
-                           grace_period=args.grace_period)
+                           grace_period=args.grace_period, metrics_listen=args.metrics_listen)
         if not cfg.devices:
             raise ConfigError(f"no devices configured (give {_device_flag_names()} or --config)")
         logs.setup_logging(cfg.log_format)
@@ -169,6 +188,67 @@ def cmd_device_action(args: argparse.Namespace) -> int:
         return 1
     d = reply.get("device") or {}
     print(format_table({"devices": [d]}) if d else "ok")
+    return 0
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    """Checked here first (the same parser as ``run``: a typo exits 2 before
+    the supervisor is asked), then by the supervisor against its devices."""
+    import os
+
+    from .config import SupervisorConfig, add_cli_devices
+    from .status import format_table
+    flags = list(getattr(args, "devices", None) or [])
+    if not flags:
+        _err(f"config error: give a device ({_device_flag_names()})")
+        return EXIT_CONFIG
+    import devices
+    from .control import ControlError, request
+    try:
+        cfg = SupervisorConfig()
+        add_cli_devices(cfg, flags)
+        for spec in cfg.devices:   # the device's own keys, without opening anything
+            devices.DEVICE_TYPES[spec.type].parse(spec.name, dict(spec.options))
+    except ConfigError as e:
+        _err(f"config error: {e}")
+        return EXIT_CONFIG
+    try:
+        reply = request(args.control_socket or default_control_socket(),
+                        {"cmd": "add", "devices": [list(f) for f in flags], "cwd": os.getcwd()})
+    except ControlError as e:
+        _err(str(e))
+        return 1
+    if not reply.get("ok"):
+        error = str(reply.get("error", "request failed"))
+        _err(error)
+        return EXIT_CONFIG if error.startswith("config error") else 1
+    print(format_table({"devices": reply.get("devices", [])}))
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    reply = _control(args, {"cmd": "remove", "name": args.name, "force": bool(args.force)})
+    if reply is None:
+        return 1
+    print(f"removed {reply.get('removed', args.name)}")
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from .control import ControlError, request
+    path = args.control_socket or default_control_socket()
+    try:
+        reply = request(path, {"cmd": "reload", "force": bool(args.force)}, timeout=120.0)
+    except ControlError as e:
+        _err(str(e))
+        return 1
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    elif reply.get("summary"):
+        print(reply["summary"].replace("; ", "\n"))
+    if not reply.get("ok"):
+        _err(reply.get("error", "reload failed"))
+        return EXIT_CONFIG if str(reply.get("error", "")).startswith("config error") else 1
     return 0
 
 
@@ -247,6 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_device_action(args)
     if args.command == "audit":
         return cmd_audit(args)
+    if args.command == "add":
+        return cmd_add(args)
+    if args.command == "remove":
+        return cmd_remove(args)
+    if args.command == "reload":
+        return cmd_reload(args)
     if args.command == "policy":
         return cmd_policy(args)
     if args.command == "systemd-units":

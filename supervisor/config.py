@@ -77,8 +77,10 @@ def _containment_device_keys(opts: dict[str, Any], name: str) -> dict[str, Any]:
 BUDGET_DEVICE_KEYS = ("memory-max", "memory-swap-max", "pids-max", "cpu-weight")
 SUPERVISOR_DEVICE_KEYS = ("vhost", "name", "restart", "jail-user") + CONTAINMENT_DEVICE_KEYS + BUDGET_DEVICE_KEYS
 JAIL_KEYS = ("pivot-root", "seccomp-policy-dir", "seccomp-log-failures")
+#: [supervisor] keys of the live life cycle (issue 12): where metrics are served.
+LIFECYCLE_SUPERVISOR_KEYS = ("metrics-listen",)
 SUPERVISOR_KEYS = ("control-socket", "disable-sandbox", "log-format", "grace-period") + JAIL_KEYS + \
-    CONTAINMENT_SUPERVISOR_KEYS
+    CONTAINMENT_SUPERVISOR_KEYS + LIFECYCLE_SUPERVISOR_KEYS
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SUN_PATH_MAX = 107
 DEFAULT_GRACE = 5.0
@@ -118,6 +120,10 @@ class SupervisorConfig:
     log_format: str = "text"
     grace_period: float = DEFAULT_GRACE
     uid_range: tuple[int, int] | None = None   # (start, count); None: a free slice of DEFAULT_UID_RANGE
+    metrics_listen: str | None = None     # a Unix socket path or a loopback HOST:PORT (off: None)
+    #: How this configuration was built (``build_config``'s arguments), so
+    #: ``reload`` can build it again from the same file and flags.
+    source: dict[str, Any] = field(default_factory=dict)
 
 
 def default_policy_dir() -> Path:
@@ -239,6 +245,9 @@ def _apply_supervisor_keys(cfg: SupervisorConfig, table: dict[str, Any], where: 
             cfg.log_format = str(value)
         elif key == "uid-range":
             cfg.uid_range = parse_uid_range(value)
+        elif key == "metrics-listen":
+            from .prometheus import parse_listen
+            cfg.metrics_listen = parse_listen(value).text
         elif key == "grace-period":
             try:
                 cfg.grace_period = float(value)
@@ -403,9 +412,15 @@ def open_builders(cfg: SupervisorConfig) -> dict[str, Any]:
 def build_config(*, config_file: str | None = None,
                  ordered_flags: list[tuple[str, str]] | None = None, jail: list[str] | None = None,
                  disable_sandbox: bool | None = None, control_socket: str | None = None,
-                 log_format: str | None = None, grace_period: float | None = None) -> SupervisorConfig:
+                 log_format: str | None = None, grace_period: float | None = None,
+                 metrics_listen: str | None = None) -> SupervisorConfig:
     """The whole configuration: file first, then command-line flags on top."""
     cfg = SupervisorConfig()
+    if config_file:
+        config_file = os.path.abspath(config_file)
+    cfg.source = {"config_file": config_file, "ordered_flags": list(ordered_flags or []), "jail": list(jail or []),
+                  "disable_sandbox": disable_sandbox, "control_socket": control_socket, "log_format": log_format,
+                  "grace_period": grace_period, "metrics_listen": metrics_listen}
     if config_file:
         load_toml(config_file, cfg)
     if jail:
@@ -420,6 +435,8 @@ def build_config(*, config_file: str | None = None,
         cfg.log_format = log_format
     if grace_period is not None:
         _apply_supervisor_keys(cfg, {"grace-period": grace_period}, "--grace-period")
+    if metrics_listen:
+        _apply_supervisor_keys(cfg, {"metrics-listen": metrics_listen}, "--metrics-listen")
     add_cli_devices(cfg, list(ordered_flags or []))
     validate(cfg)
     return cfg

@@ -239,6 +239,13 @@ class DeviceSlot:
     hung_for: float | None = None    # set when the watchdog killed the child
     quiet: bool = False              # this child's spawn/exit lines are in the clean-exit summary
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one control operation at a time
+    # --- restart accounting (what alerting reads: status and metrics) ---
+    reconnects: int = 0              # clean exits: the front-end went away, a fresh child follows
+    crashes: dict[str, int] = field(default_factory=dict)  # ExitKind value -> crashes of that kind
+    requested_exits: int = 0         # stop/restart/remove/reload/shutdown asked for it
+    counters: Any = None             # connection.counters.CountersPage (the device's own I/O counters)
+    runtime: bool = False            # added with `add` (reload leaves it alone)
+    added_wall: float | None = None  # when the slot was created (metrics: device age)
 
     @property
     def name(self) -> str:
@@ -334,6 +341,17 @@ class DeviceSlot:
         self.last_exit_time = wall
         pending, self.pending = self.pending, None
         return pending
+
+    def account_exit(self, info: ExitInfo) -> str:
+        """Count one exit as a reconnect, a crash (by kind) or a requested exit; the bucket's name."""
+        if info.requested:
+            self.requested_exits += 1
+            return "requested"
+        if info.kind is ExitKind.DISCONNECTED:
+            self.reconnects += 1
+            return "reconnect"
+        self.crashes[info.kind.value] = self.crashes.get(info.kind.value, 0) + 1
+        return "crash"
 
     def back_off(self, until: float, timer: Any, crash_looping: bool = False) -> None:
         """Exited; the next child is forked when ``timer`` fires."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-COLUMNS = ("NAME", "TYPE", "SOCKET", "STATE", "PID", "RESTARTS", "LAST EXIT", "UPTIME", "RSS", "CPU",
+COLUMNS = ("NAME", "TYPE", "SOCKET", "STATE", "PID", "RESTARTS", "RECONNECTS", "CRASHES", "LAST EXIT", "UPTIME", "RSS", "CPU",
            "FRONT-END", "HEARTBEAT")
 
 
@@ -41,7 +41,8 @@ def device_row(d: dict[str, Any]) -> list[str]:
     cpu = d.get("cpu_seconds")
     return [
         d.get("name", "?"), d.get("type", "?"), d.get("socket", "?"), state,
-        str(d["pid"]) if d.get("pid") else "-", str(d.get("restarts", 0)),
+        str(d["pid"]) if d.get("pid") else "-", str(d.get("restarts", 0)), str(d.get("reconnects", 0)),
+        str(d.get("crashes_total", 0)),
         last["text"] if last else "-", human_duration(d.get("uptime")), human_bytes(d.get("rss")),
         f"{cpu:.2f}s" if cpu is not None else "-", d.get("frontend", "-"),
         human_duration(d.get("heartbeat_age")) + " ago" if d.get("heartbeat_age") is not None else "-",

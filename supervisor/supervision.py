@@ -43,12 +43,13 @@ CHILD_MODULES = (
     "connection.inflight", "connection.transport", "connection.protocol", "connection.executor",
     "traceback", "linecache", "tokenize", "concurrent.futures", "concurrent.futures.thread",
     "asyncio.unix_events", "uvloop", "mmap", "fcntl", "struct", "array", "selectors",
-    "encodings.idna", "encodings.ascii", "encodings.latin_1",
+    "encodings.idna", "encodings.ascii", "encodings.latin_1", "connection.counters",
 ) + devices.child_modules()
 #: uid-range unset (auto): each supervisor takes a slice of this many ids of
 #: the default pool, locked under UID_LOCK_DIR for its life.
 UID_SLICE = 1024
 UID_LOCK_DIR = "/run/vhost-supervisor/uid-slices"
+COMMANDS = ("status", "ping", "restart", "stop", "start", "add", "remove", "reload")
 TICK = 1.0     # seconds between heartbeat rounds (less for a watchdog-sec under 4 s)
 MAX_LOG_LINE = 4096        # a child's stderr line is cut here (a hostile child cannot bloat us)
 LOG_READ = 1 << 20         # one read takes whatever the pipe holds
@@ -72,7 +73,8 @@ class Supervisor:
     def __init__(self, cfg: SupervisorConfig, builders: dict[str, Any],
                  notifier: Notifier | None = None) -> None:
         self.cfg = cfg
-        self.slots: dict[str, DeviceSlot] = {d.name: DeviceSlot(spec=d, builder=builders[d.name])
+        self.slots: dict[str, DeviceSlot] = {d.name: DeviceSlot(spec=d, builder=builders[d.name],
+                                                                added_wall=time.time())
                                              for d in cfg.devices}
         self.notifier = notifier or Notifier()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -89,6 +91,15 @@ class Supervisor:
         self._watchdog_handle: asyncio.TimerHandle | None = None
         self._force_kill = False
         self.cgroups = CgroupBudgets({})   # replaced in main() once the loop runs
+        from .activation import Activation
+        self.activation = Activation({})   # bind_all: the sockets systemd passed, if any
+        #: the ids devices get: the configured uid-range, or the slice assign_ids claimed
+        self.uid_range: tuple[int, int] = cfg.uid_range or DEFAULT_UID_RANGE
+        self.metrics: Any = None                     # prometheus.MetricsServer with --metrics-listen
+        self.control_counts: dict[tuple[str, str], int] = {}   # (command, ok|error) -> requests
+        self.reload_counts: dict[str, int] = {}      # applied|error -> reloads
+        self.retired_ids: set[int] = set()           # uids of removed devices: never handed out again
+        self._reload_task: asyncio.Task[Any] | None = None
 
     # ------------------------------------------------------------------ run
 
@@ -115,7 +126,7 @@ class Supervisor:
         enable_fork_signal_reset()
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self.request_shutdown, sig)
-        self.loop.add_signal_handler(signal.SIGHUP, lambda: None)
+        self.loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         missing = preimport_child_modules()
         if missing:
             logs.event(None, "preimport-missing", logging.DEBUG, modules=",".join(missing))
@@ -128,6 +139,9 @@ class Supervisor:
         self.cgroups = CgroupBudgets.setup({s.name: s.spec.budget for s in self.slots.values()})
         try:
             await self.control.start()  # type: ignore[union-attr]
+            if self.metrics is not None:
+                await self.metrics.start()
+                logs.event(None, "metrics", listen=self.metrics.address.text)
             logs.event(None, "start", devices=len(self.slots), control_socket=self.cfg.control_socket,
                        sandbox="off" if self.cfg.disable_sandbox else "on", pid=os.getpid())
             gc.collect()
@@ -146,6 +160,16 @@ class Supervisor:
         finally:
             await self.shutdown()
         return 0
+
+    def _on_sighup(self) -> None:
+        """SIGHUP: reload the configuration file (as ``vhost-supervisor reload``)."""
+        from . import live
+        if self.stopping or self.loop is None:
+            return
+        if self._reload_task is not None and not self._reload_task.done():
+            logs.event(None, "reload-skipped", logging.WARNING, reason="a reload is in progress")
+            return
+        self._reload_task = self.loop.create_task(live.request_reload(self, {"cmd": "reload", "by": "SIGHUP"}))
 
     def assign_ids(self) -> None:
         """One host uid/gid per jailed device: ``jail-user`` if given, else the next
@@ -170,6 +194,7 @@ class Supervisor:
                 if len(fixed) < len(self.slots):
                     check_unused(rng, skip_pids=frozenset({os.getpid()}))
             ids = allocate(rng, list(self.slots), fixed)
+            self.uid_range = (rng.start, rng.count)
         except IdRangeError as e:
             hint = ("; is another supervisor using it? give each its own uid-range, or leave uid-range "
                     "unset (auto)" if "process" in str(e) else "")
@@ -183,28 +208,56 @@ class Supervisor:
         """Listen on every device socket (and the control socket) before any fork."""
         from .activation import Activation
         self.assign_ids()
-        activation = Activation.from_environ()   # sockets systemd passes (LISTEN_FDS), kept across restarts
+        self.activation = Activation.from_environ()   # sockets systemd passes (LISTEN_FDS), kept across restarts
         for slot in self.slots.values():
             path = slot.spec.socket
-            if not activation.has(path) and os.path.exists(path) and socket_in_use(path):
+            if not self.activation.has(path) and os.path.exists(path) and socket_in_use(path):
                 raise ConfigError(f"{path!r} is in use by a running process", "vhost", slot.name)
         try:
             sock = bind_control_socket(self.cfg.control_socket)
         except ControlError as e:
             raise ConfigError(str(e).split(": ", 1)[-1], "control-socket") from None
         self.control = ControlServer(sock, self.handle_request)
+        if self.cfg.metrics_listen:
+            from .prometheus import MetricsServer, parse_listen
+            self.metrics = MetricsServer(self, parse_listen(self.cfg.metrics_listen))
+            self.metrics.bind()
         for slot in self.slots.values():
+            self.bind_slot(slot)
+        self.activation.close_unused()
+
+    def bind_slot(self, slot: DeviceSlot) -> None:
+        """Listen on one device's socket, keep its parent resources, map its
+        counters page: everything a child of it will inherit (before its fork)."""
+        from connection.counters import CountersPage
+        path = slot.spec.socket
+        activation = self.activation
+        if not activation.has(path) and os.path.exists(path) and socket_in_use(path):
+            raise ConfigError(f"{path!r} is in use by a running process", "vhost", slot.name)
+        try:
+            slot.listener = activation.listener(path)   # the inherited socket, else a fresh listener
+        except OSError as e:
+            raise ConfigError(f"{path!r}: cannot listen: {e.strerror or e}", "vhost", slot.name) from None
+        slot.socket_inode = os.stat(path).st_ino
+        slot.listener_inode = os.fstat(slot.listener.fileno()).st_ino
+        slot.resources = slot.listener.take_parent_process_resources()
+        slot.counters = CountersPage(slot.name)
+        logs.event(slot.name, "listen", socket=path, type=slot.spec.type,
+                   inherited=getattr(slot.listener, "fd_name", None))
+
+    def close_slot(self, slot: DeviceSlot, builder: bool = True) -> None:
+        """Close what the parent holds for one device (its child is gone):
+        ParentResources.close() unlinks the socket file."""
+        objs = [slot.resources, slot.listener, slot.counters] + ([slot.builder] if builder else [])
+        for obj in objs:
+            close = getattr(obj, "close", None)
+            if close is None:
+                continue
             try:
-                slot.listener = activation.listener(slot.spec.socket)
-            except OSError as e:
-                raise ConfigError(f"{slot.spec.socket!r}: cannot listen: {e.strerror or e}", "vhost",
-                                  slot.name) from None
-            slot.socket_inode = os.stat(slot.spec.socket).st_ino
-            slot.listener_inode = os.fstat(slot.listener.fileno()).st_ino
-            slot.resources = slot.listener.take_parent_process_resources()
-            logs.event(slot.name, "listen", socket=slot.spec.socket, type=slot.spec.type,
-                       inherited=getattr(slot.listener, "fd_name", None))
-        activation.close_unused()
+                close()
+            except Exception as e:  # noqa: BLE001
+                logs.event(slot.name, "close-failed", logging.WARNING, error=f"{type(e).__name__}: {e}")
+        slot.resources = slot.listener = slot.counters = None
 
     # ------------------------------------------------------------ children
 
@@ -236,7 +289,8 @@ class Supervisor:
             with self.cgroups.placing(slot.name):   # the child joins its budget's cgroup at fork
                 child = spawn_child(name=slot.name, conn=slot.listener, builder=slot.builder, keep_fds=keep,
                                     sandboxed=not self.cfg.disable_sandbox,
-                                    jail_kwargs=None if self.cfg.disable_sandbox else self._jail_kwargs(slot))
+                                    jail_kwargs=None if self.cfg.disable_sandbox else self._jail_kwargs(slot),
+                                    counters=slot.counters)
         except Exception as e:  # noqa: BLE001
             logs.event(slot.name, "spawn-failed", logging.ERROR, error=f"{type(e).__name__}: {e}")
             self._after_exit(slot, ExitInfo(ExitKind.JAIL_FAILED, code=None), 0.0)
@@ -444,6 +498,7 @@ class Supervisor:
         """The child is gone (or never forked): decide the slot's next state."""
         assert self.loop is not None
         pending = slot.child_gone(info, time.time())
+        slot.account_exit(info)
         now = time.monotonic()
         slot.quiet = False
         if self.stopping or pending is Request.STOP or not slot.want_running:
@@ -651,6 +706,8 @@ class Supervisor:
                 "crash_loops": s.crash_loops,
                 "crash_loop_policy": getattr(s.spec, "crash_loop", "backoff"),
                 "log_dropped_lines": s.log_budget.total_dropped,
+                "reconnects": s.reconnects, "crashes": dict(s.crashes), "crashes_total": sum(s.crashes.values()),
+                "requested_exits": s.requested_exits, "runtime": s.runtime,
             }
             d.update(process_metrics(s.proc))
             devices.append(d)
@@ -661,12 +718,24 @@ class Supervisor:
 
     async def handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req["cmd"]
+        reply = await self._handle_request(req)
+        key = (cmd if cmd in COMMANDS else "unknown", "ok" if reply.get("ok") else "error")
+        self.control_counts[key] = self.control_counts.get(key, 0) + 1
+        return reply
+
+    async def _handle_request(self, req: dict[str, Any]) -> dict[str, Any]:
+        from . import live
+        cmd = req["cmd"]
         if cmd == "status":
             return self.status()
         if cmd == "ping":
             return {"ok": True}
+        if cmd in ("add", "remove", "reload"):
+            if self.stopping:
+                return {"ok": False, "error": "the supervisor is shutting down"}
+            return await getattr(live, f"request_{cmd}")(self, req)
         if cmd not in ("restart", "stop", "start"):
-            return {"ok": False, "error": f"unknown command {cmd!r} (status, restart, stop, start)"}
+            return {"ok": False, "error": f"unknown command {cmd!r} ({', '.join(COMMANDS)})"}
         name = req.get("name")
         slot = self.slots.get(name) if isinstance(name, str) else None
         if slot is None:
@@ -771,6 +840,8 @@ class Supervisor:
                     self._on_exit(s, s.child)
         if self.control is not None:
             await self.control.close()
+        if self.metrics is not None:
+            await self.metrics.close()
         self.close_resources()
         logs.event(None, "stopped", summary=self.summary())
         self.notifier.close()
@@ -778,15 +849,7 @@ class Supervisor:
     def close_resources(self) -> None:
         """Close what the parent holds; ParentResources.close() unlinks the socket files."""
         for s in self.slots.values():
-            for obj in (s.resources, s.listener, s.builder):
-                close = getattr(obj, "close", None)
-                if close is None:
-                    continue
-                try:
-                    close()
-                except Exception as e:  # noqa: BLE001
-                    logs.event(s.name, "close-failed", logging.WARNING, error=f"{type(e).__name__}: {e}")
-            s.resources = s.listener = None
+            self.close_slot(s)
         if self.control is not None:
             try:
                 if os.stat(self.control.path).st_ino == self.control.inode:

@@ -98,6 +98,7 @@ class Qemu:
         accel: str | None = None,
         base_initrd: Path | None = None,
         name: str = "guest",
+        qmp: bool = False,
     ) -> None:
         self.kernel = kernel
         self.workdir = workdir
@@ -109,6 +110,8 @@ class Qemu:
         self.console_path = workdir / f"{name}-console.log"
         self.log_path = workdir / f"{name}-qemu.log"
         self.initrd_path = workdir / f"{name}-initrd.cpio.gz"
+        # A QMP monitor socket (frontend.guest.qmp) for hot-plug at run time.
+        self.qmp_path: Path | None = workdir / f"{name}-qmp.sock" if qmp else None
         self._devs: list[_Dev] = []
         self._n = 0
         self.proc: subprocess.Popen | None = None
@@ -176,7 +179,15 @@ class Qemu:
         ]
         for dev in self._devs:
             cmd += dev.args
+        if self.qmp_path is not None:
+            cmd += ["-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         return cmd
+
+    def qmp(self):
+        """A connected ``frontend.guest.qmp.Qmp`` (start with ``qmp=True`` first)."""
+        from .qmp import Qmp
+        assert self.qmp_path is not None, "Qemu(..., qmp=True)"
+        return Qmp(self.qmp_path).connect()
 
     # --- running --------------------------------------------------------------------
 
