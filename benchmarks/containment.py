@@ -42,6 +42,7 @@ import psutil
 
 from supervisor.control import request
 from benchmarks import containment_devices
+from frontend.hostile import garbage_storm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -142,28 +143,12 @@ def bench_flood(code: str, seconds: float) -> dict[str, Any]:
         sup.close()
 
 
-def storm(path: str, cycles: int) -> int:
-    connected = 0
-    for _ in range(cycles):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 5000))
-        try:
-            s.connect(path)
-            s.send(b"\xff" * 64)
-            connected += 1
-        except OSError:
-            pass
-        finally:
-            s.close()
-    return connected
-
-
 def bench_storm(code: str, cycles: int, jailed: bool) -> dict[str, Any]:
     sup = Sup(code, ([] if jailed else ["--disable-sandbox"]) + ["--rng", "vhost={dir}/r.sock"])
     try:
         b0 = sup.log_bytes()
         r0 = sup.status()["rng-0"]["restarts"]
-        cpu, wall, connected = measure(sup, 0, lambda: storm(os.path.join(sup.dir, "r.sock"), cycles))
+        cpu, wall, connected = measure(sup, 0, lambda: garbage_storm(os.path.join(sup.dir, "r.sock"), cycles))
         restarts = sup.status()["rng-0"]["restarts"] - r0
         return {"cpu": cpu, "wall": wall, "connected": connected, "restarts": restarts,
                 "log_bytes": sup.log_bytes() - b0}

@@ -137,3 +137,22 @@ def wait_all(q: DriverQueue, heads: set[int], timeout: float = 60.0) -> None:
     while pending:
         for head, _len in q.wait_used(max(0.1, deadline - time.monotonic())):
             pending.discard(head)
+
+
+def garbage_storm(path: str, cycles: int) -> int:
+    """A front-end looping connect / 64 bytes of garbage / close on the
+    vhost-user socket at ``path`` (issue 9, finding 6); a connect waits up to
+    5 ms for room in the accept queue.  Returns the cycles that connected."""
+    connected = 0
+    for _ in range(cycles):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 5000))
+        try:
+            s.connect(path)
+            s.send(b"\xff" * 64)
+            connected += 1
+        except OSError:
+            pass
+        finally:
+            s.close()
+    return connected

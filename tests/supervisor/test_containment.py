@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from frontend.exercise import drive_rng
+from frontend.hostile import garbage_storm
 
 from .conftest import REPO, SupervisorProc, pid_alive
 
@@ -171,32 +172,13 @@ def test_a_stopped_child_is_killed_as_hung_and_replaced(sup: SupervisorProc, mod
 
 # ---------------------------------------------------------------- restart discipline
 
-def _storm(path: str, cycles: int) -> int:
-    """A front-end looping connect / garbage / close; a connect waits up to
-    5 ms for room in the accept queue.  Returns the cycles that connected."""
-    import struct
-    connected = 0
-    for _ in range(cycles):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 0, 5000))
-        try:
-            s.connect(path)
-            s.send(b"\xff" * 64)
-            connected += 1
-        except OSError:
-            pass
-        finally:
-            s.close()
-    return connected
-
-
 def test_connect_garbage_close_storm_bounded_restarts_and_log(sup: SupervisorProc) -> None:
     """Finding 6: 1000 cycles drove 1000 restarts and 645 bytes of log each."""
     rng = sup.path("r.sock")
     sup.start("--rng", f"vhost={rng}")
     log_before = len(sup.read_log().splitlines())
     t0 = time.monotonic()
-    connected = _storm(rng, 1000)
+    connected = garbage_storm(rng, 1000)
     elapsed = time.monotonic() - t0
     d = sup.wait_state("rng-0", "ready", timeout=20, pred=lambda d: d["frontend"] == "no")
     window = time.monotonic() - t0
