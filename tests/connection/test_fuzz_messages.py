@@ -275,4 +275,4 @@ def test_random_messages_never_escape_or_leak(loop_thread: LoopThread, bad_logs:
             os.close(fd)
     lt.call(lambda: None)
     assert bad_logs.bad == [], bad_logs.bad
-    assert open_fds() == before, f"leaked: {open_fds() - before}"
+    assert open_fds() == before, f"leaked: {[(fd, os.readlink(f'/proc/self/fd/{fd}')) for fd in open_fds() - before]}"

@@ -262,6 +262,7 @@ def test_no_fd_leak_across_restarts(sup: SupervisorProc) -> None:
         drive_rng(rng)
     sup.wait_state("rng-0", "ready", pred=lambda d: d["restarts"] >= 31)
     after, sockets_after = fds()
-    assert after == before
+    from collections import Counter
+    assert after == before, ("extra", Counter(after) - Counter(before), "missing", Counter(before) - Counter(after))
     assert sockets_after <= sockets + 2, (sockets, sockets_after)
     assert sup.terminate() == 0
