@@ -78,6 +78,7 @@ class Cell:
     bytes: int
     lat_p50_us: float
     cpu_s: float          # back-end CPU seconds over the I/O phase
+    client_cpu_s: float = 0.0   # the client's CPU seconds (blkio: whole process)
 
     @property
     def iops(self) -> float:
@@ -116,12 +117,13 @@ def tree_cpu(pid: int) -> float:
 class Backend:
     """One back-end process serving one image on one socket; ended by pid."""
 
-    def __init__(self, kind: str, image: Path, sock: Path, jobs: int, log: Path, pin: bool) -> None:
+    def __init__(self, kind: str, image: Path, sock: Path, jobs: int, log: Path, pin: bool,
+                 extra: list[str] = ()) -> None:
         if sock.exists():
             sock.unlink()
         if kind == "ours":
             cmd = [sys.executable, "-m", "devices.standalone", "block", "--socket-path", str(sock),
-                   "--file", str(image), "--num-queues", str(jobs)]
+                   "--file", str(image), "--num-queues", str(jobs), *extra]
         else:
             binary = shutil.which("qemu-storage-daemon")
             if binary is None:
@@ -179,14 +181,16 @@ def run_blkio(binary: str, be: Backend, row: Row, seconds: float, pin: bool) -> 
         c1 = be.cpu()
         p.stdin.write("\n")
         p.stdin.flush()
-        if p.wait(30) != 0 or not line:
+        _, status, usage = os.wait4(p.pid, 0)
+        p.returncode = os.waitstatus_to_exitcode(status)
+        if p.returncode != 0 or not line:
             raise RuntimeError(f"blkio_bench failed on {row.label} (exit {p.returncode})")
     finally:
         if p.poll() is None:
             p.kill()
             p.wait()
     r = json.loads(line)
-    return Cell(r["ios"], r["seconds"], r["bytes"], r["lat_p50_us"], c1 - c0)
+    return Cell(r["ios"], r["seconds"], r["bytes"], r["lat_p50_us"], c1 - c0, usage.ru_utime + usage.ru_stime)
 
 
 def run_ours(be: Backend, row: Row, seconds: float, pin: bool) -> Cell:
@@ -328,6 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-mib", type=int, default=256)
     p.add_argument("--rows", help="comma-separated label prefixes, e.g. 'randread 4K QD16,read 128K'")
     p.add_argument("--pin", choices=("split", "none"), default="split")
+    p.add_argument("--ours-flags", default="", help="extra flags for our back-end, e.g. '--poll-us 0'")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     rows = ROWS
@@ -345,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
               f"load average {os.getloadavg()[0]:.1f}")
         print(f"# machine: {machine_summary()}; {qsd_version()}; libblkio client {binary or '-'}")
         print(f"# {args.rounds} rounds x {args.seconds}s per cell, image {args.size_mib} MiB (page cache), "
-              f"{'client CPU 0, back-end CPU 1' if pin else 'no pinning'}")
+              f"{'client CPU 0, back-end CPU 1' if pin else 'no pinning'}; our flags: {args.ours_flags or '-'}")
         fill_image(work / "base.img", args.size_mib << 20)
         for kind in ("ours", "qsd"):
             copy_image(work / "base.img", work / f"{kind}.img")
@@ -356,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
                     order = ("ours", "qsd") if (r + rows.index(row)) % 2 == 0 else ("qsd", "ours")
                     for kind in order:
                         be = Backend(kind, work / f"{kind}.img", work / f"{kind}.sock", row.jobs,
-                                     work / f"{kind}.log", pin)
+                                     work / f"{kind}.log", pin, args.ours_flags.split())
                         try:
                             if client == "blkio":
                                 cell = run_blkio(binary, be, row, args.seconds, pin)
@@ -371,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
                         results.setdefault((client, row.label, kind), []).append(cell)
                         print(f"  round {r + 1} {client:<5} {row.label:<22} {kind:<4} {cell.iops:>9,.0f} IOPS "
                               f"{cell.mbps:>8.1f} MB/s p50 {cell.lat_p50_us:7.1f} µs "
-                              f"CPU {cell.cpu_per_100k:6.2f} s/100k  load {os.getloadavg()[0]:.1f}",
+                              f"CPU {cell.cpu_per_100k:6.2f} s/100k client {cell.client_cpu_s / max(cell.ios, 1) * 1e5:6.2f}  load {os.getloadavg()[0]:.1f}",
                               file=sys.stderr, flush=True)
         if not ok:
             for kind in ("ours", "qsd"):
