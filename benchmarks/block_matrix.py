@@ -79,6 +79,7 @@ class Cell:
     lat_p50_us: float
     cpu_s: float          # back-end CPU seconds over the I/O phase
     client_cpu_s: float = 0.0   # the client's CPU seconds (blkio: whole process)
+    runq_wait_s: float = 0.0    # back-end threads' time runnable but not running (schedstat)
 
     @property
     def iops(self) -> float:
@@ -97,6 +98,14 @@ class Cell:
 
 def tree_cpu(pid: int) -> float:
     """User+system CPU seconds of ``pid``, its threads and its descendants."""
+    return tree_stats(pid)[0]
+
+
+def tree_stats(pid: int) -> tuple[float, float]:
+    """(CPU seconds, seconds spent runnable but waiting for a CPU) of
+    ``pid``, its threads and its descendants (/proc/PID/stat, and the
+    threads' /proc/PID/task/TID/schedstat)."""
+    wait = 0.0
     tck = os.sysconf("SC_CLK_TCK")
     total = 0.0
     todo = [pid]
@@ -107,11 +116,13 @@ def tree_cpu(pid: int) -> float:
                 fields = f.read().rsplit(")", 1)[1].split()
             total += (int(fields[11]) + int(fields[12])) / tck
             for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/schedstat") as f:
+                    wait += int(f.read().split()[1]) / 1e9
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     todo.extend(int(c) for c in f.read().split())
         except (OSError, IndexError, ValueError):
             pass
-    return total
+    return total, wait
 
 
 class Backend:
@@ -132,7 +143,7 @@ class Backend:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                         env=env, cwd=ROOT,
+                                         env=env, cwd=ROOT, start_new_session=True,
                                          preexec_fn=(lambda: os.sched_setaffinity(0, BACKEND_CPU)) if pin else None)
         self.sock = sock
         try:
@@ -142,7 +153,8 @@ class Backend:
             raise
 
     def cpu(self) -> float:
-        return tree_cpu(self.proc.pid)
+        cpu, self.last_wait = tree_stats(self.proc.pid)
+        return cpu
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -175,6 +187,7 @@ def run_blkio(binary: str, be: Backend, row: Row, seconds: float, pin: bool) -> 
         if p.stdout.readline().strip() != "ready":
             raise RuntimeError(f"blkio_bench did not connect to {be.sock} (exit {p.wait()})")
         c0 = be.cpu()
+        w0 = be.last_wait
         p.stdin.write("\n")
         p.stdin.flush()
         line = p.stdout.readline()
@@ -190,7 +203,8 @@ def run_blkio(binary: str, be: Backend, row: Row, seconds: float, pin: bool) -> 
             p.kill()
             p.wait()
     r = json.loads(line)
-    return Cell(r["ios"], r["seconds"], r["bytes"], r["lat_p50_us"], c1 - c0, usage.ru_utime + usage.ru_stime)
+    return Cell(r["ios"], r["seconds"], r["bytes"], r["lat_p50_us"], c1 - c0, usage.ru_utime + usage.ru_stime,
+                be.last_wait - w0)
 
 
 def run_ours(be: Backend, row: Row, seconds: float, pin: bool) -> Cell:
@@ -376,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
                         results.setdefault((client, row.label, kind), []).append(cell)
                         print(f"  round {r + 1} {client:<5} {row.label:<22} {kind:<4} {cell.iops:>9,.0f} IOPS "
                               f"{cell.mbps:>8.1f} MB/s p50 {cell.lat_p50_us:7.1f} µs "
-                              f"CPU {cell.cpu_per_100k:6.2f} s/100k client {cell.client_cpu_s / max(cell.ios, 1) * 1e5:6.2f}  load {os.getloadavg()[0]:.1f}",
+                              f"CPU {cell.cpu_per_100k:6.2f} s/100k client {cell.client_cpu_s / max(cell.ios, 1) * 1e5:6.2f} runq-wait {cell.runq_wait_s / cell.seconds * 100:3.0f}%  load {os.getloadavg()[0]:.1f}",
                               file=sys.stderr, flush=True)
         if not ok:
             for kind in ("ours", "qsd"):

@@ -134,7 +134,13 @@ int main(int argc, char **argv)
     struct blkio *b;
     CHECK(blkio_create("virtio-blk-vhost-user", &b));
     CHECK(blkio_set_str(b, "path", path));
-    CHECK(blkio_connect(b));
+    /* The socket file exists from bind() on, a moment before listen(). */
+    for (int tries = 0; ; tries++) {
+        int r = blkio_connect(b);
+        if (r == 0) break;
+        if (r != -ECONNREFUSED || tries >= 200) CHECK(r);
+        nanosleep(&(struct timespec){.tv_nsec = 10000000}, NULL);
+    }
     CHECK(blkio_set_int(b, "num-queues", jobs));
     CHECK(blkio_start(b));
     uint64_t capacity;
