@@ -254,6 +254,32 @@ def run_ours(be: Backend, row: Row, seconds: float, pin: bool) -> Cell:
     return Cell(ios, seconds, ios * row.bs, statistics.median(lats) if lats else 0.0, c1 - c0)
 
 
+def idle_cpu(work: Path, pin: bool, seconds: float = 3.0) -> float:
+    """Our back-end's CPU share (fraction of one CPU) while a connected
+    driver with a running queue sends nothing, after a burst of QD1 I/O
+    (the adaptive poll must switch itself off)."""
+    from frontend.vhost_user import VhostUserFrontend
+    from frontend.virtio_blk import BlockDriver
+
+    be = Backend("ours", work / "ours.img", work / "ours.sock", 1, work / "ours.log", pin)
+    try:
+        fe = VhostUserFrontend.connect(str(be.sock), timeout=10)
+        try:
+            fe.negotiate()
+            fe.setup_memory(64 << 20)
+            blk = BlockDriver(fe.setup_queue(0, 256), depth=1, max_io=4096)
+            for i in range(2000):
+                blk.read(i * 4096, 4096)
+            time.sleep(0.1)
+            c0 = be.cpu()
+            time.sleep(seconds)
+            return (be.cpu() - c0) / seconds
+        finally:
+            fe.close()
+    finally:
+        be.stop()
+
+
 def _drive(blk, row: Row, seconds: float, size: int, job: int) -> dict:
     import random
     q = blk.queue
@@ -398,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
                 if log.exists():
                     print(f"--- {kind} log tail ---\n" + "\n".join(log.read_text(errors='replace').splitlines()[-10:]),
                           file=sys.stderr)
+        if "ours" in clients:
+            print(f"# our back-end idle after QD1 I/O, connected: {idle_cpu(work, pin) * 100:.2f}% of a CPU")
     print(table(results, clients, rows))
     print(f"\n# load average at the end {os.getloadavg()[0]:.1f}")
     if args.json:
