@@ -10,7 +10,7 @@ APT_PACKAGES := libcap-dev libseccomp2 qemu-system-x86 qemu-system-common qemu-u
                 busybox-static cpio zstd xz-utils fio
 PYTEST_FLAGS ?=
 
-.PHONY: all setup system-packages demo test check e2e security bench clean
+.PHONY: all setup system-packages demo test check e2e security bench blkio-client bench-matrix clean
 
 all: test
 
@@ -52,8 +52,19 @@ e2e: setup
 security: setup
 	$(PY) -m pytest tests/security tests/sandbox $(PYTEST_FLAGS)
 
-bench: setup
+# libblkio client (Debian 13's libblkio unpacked, not installed; cached in
+# ~/.cache/vhost-supervisor/blkio): see benchmarks/blkio/fetch.sh.
+blkio-client:
+	@command -v gcc >/dev/null && command -v curl >/dev/null || { \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev curl >/dev/null; }
+	sh benchmarks/blkio/fetch.sh
+
+bench-matrix: setup blkio-client
+	$(PY) -m benchmarks.block_matrix
+
+bench: setup blkio-client
 	$(PY) -m benchmarks.block
+	$(PY) -m benchmarks.block_matrix
 	$(PY) -m benchmarks.supervisor
 	$(PY) -m benchmarks.jail
 	$(PY) -m benchmarks.guest_fio
