@@ -227,6 +227,7 @@ def run_ours(be: Backend, row: Row, seconds: float, pin: bool) -> Cell:
             for s in d.slots:
                 s.data[:] = os.urandom(row.bs)
         c0 = be.cpu()
+        w0 = be.last_wait
         pipes = []
         for j in range(1, row.jobs):
             r, w = os.pipe()
@@ -251,7 +252,8 @@ def run_ours(be: Backend, row: Row, seconds: float, pin: bool) -> Cell:
         fe.close()
     ios = sum(r["ios"] for r in results)
     lats = sorted(x for r in results for x in r["lat"])
-    return Cell(ios, seconds, ios * row.bs, statistics.median(lats) if lats else 0.0, c1 - c0)
+    return Cell(ios, seconds, ios * row.bs, statistics.median(lats) if lats else 0.0, c1 - c0,
+                runq_wait_s=be.last_wait - w0)
 
 
 def idle_cpu(work: Path, pin: bool, seconds: float = 3.0) -> float:
