@@ -6,7 +6,7 @@
 #   sh benchmarks/device_ir.sh [device_micro flags, e.g. --batch 16 --op write]
 set -eu
 cd "$(dirname "$0")/.."
-PY=${PY:-python3}
+if [ -x .venv/bin/python ]; then PY=${PY:-.venv/bin/python}; else PY=${PY:-python3}; fi
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 for n in 2000 6000; do
