@@ -10,7 +10,7 @@ APT_PACKAGES := libcap-dev libseccomp2 qemu-system-x86 qemu-system-common qemu-u
                 busybox-static cpio zstd xz-utils fio iproute2 dpdk-dev librte-net-virtio23 librte-mempool-ring23
 PYTEST_FLAGS ?=
 
-.PHONY: all setup system-packages demo test check conformance e2e security host-test fuzz bench clean
+.PHONY: all setup system-packages demo test check conformance e2e security host-test fuzz bench blkio-client bench-matrix clean
 
 all: test
 
@@ -70,8 +70,19 @@ host-test: setup
 security: setup
 	$(PY) -m supervisor.cli security-check --json security-report.json
 
-bench: setup
+# libblkio client (Debian 13's libblkio unpacked, not installed; cached in
+# ~/.cache/vhost-supervisor/blkio): see benchmarks/blkio/fetch.sh.
+blkio-client:
+	@command -v gcc >/dev/null && command -v curl >/dev/null || { \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev curl >/dev/null; }
+	sh benchmarks/blkio/fetch.sh
+
+bench-matrix: setup blkio-client
+	$(PY) -m benchmarks.block_matrix
+
+bench: setup blkio-client
 	$(PY) -m benchmarks.block
+	$(PY) -m benchmarks.block_matrix
 	$(PY) -m benchmarks.supervisor
 	$(PY) -m benchmarks.jail
 	$(PY) -m benchmarks.guest_fio
