@@ -10,7 +10,7 @@ APT_PACKAGES := libcap-dev libseccomp2 qemu-system-x86 qemu-system-common qemu-u
                 busybox-static cpio zstd xz-utils fio
 PYTEST_FLAGS ?=
 
-.PHONY: all setup system-packages demo test check e2e security bench clean
+.PHONY: all setup system-packages demo test check e2e security bench fuzz clean
 
 all: test
 
@@ -51,6 +51,21 @@ e2e: setup
 
 security: setup
 	$(PY) -m pytest tests/security tests/sandbox $(PYTEST_FLAGS)
+
+# Coverage-guided fuzzing (atheris) of every parser that takes hostile input:
+# each target in tests/fuzz/targets/ for FUZZ_SECONDS, two at a time, niced;
+# prints exec/s, coverage and crashes per target.  `make test` only replays
+# tests/fuzz/corpus and tests/fuzz/regressions.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?=
+FUZZ_STAMP := $(VENV)/.fuzz-installed
+
+$(FUZZ_STAMP): pyproject.toml
+	$(PY) -m pip install -q 'atheris>=2.3'
+	touch $(FUZZ_STAMP)
+
+fuzz: setup $(FUZZ_STAMP)
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(PY) -m tests.fuzz.run $(FUZZ_TARGETS)
 
 bench: setup
 	$(PY) -m benchmarks.block
