@@ -191,8 +191,13 @@ def _expression(text: str, src: Source) -> list[Clause]:
 
 
 def _logical_lines(path: str) -> list[tuple[int, str]]:
-    with open(path, encoding="utf-8") as f:
-        raw = f.read().splitlines()
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        raw = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise PolicyError(path, data.count(b"\n", 0, e.start) + 1,
+                          f"not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
     out: list[tuple[int, str]] = []
     pending = ""
     start = 0
