@@ -213,6 +213,9 @@ def load_toml(path: str, cfg: SupervisorConfig | None = None) -> SupervisorConfi
         raise ConfigError(f"{path}: {e.strerror}", "--config") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}", "--config") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})",
+                          "--config") from None
     for key in data:
         if key not in ("supervisor", "jail", "device"):
             raise ConfigError(f"unknown top-level key in {path} (known: supervisor, jail, device)", key)
