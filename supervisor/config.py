@@ -126,6 +126,8 @@ def _stringify(key: str, value: Any, device: str | None) -> str:
 def _check_socket_path(path: str, key: str, device: str | None) -> str:
     if not path:
         raise ConfigError("is required (the vhost-user socket path)", key, device)
+    if "\0" in path:
+        raise ConfigError("contains a NUL byte", key, device, path)
     path = os.path.abspath(path)
     if len(os.fsencode(path)) > SUN_PATH_MAX:
         raise ConfigError(f"longer than {SUN_PATH_MAX} bytes (sun_path)", key, device, path)
@@ -281,6 +283,8 @@ def validate(cfg: SupervisorConfig) -> None:
     """Cross-device checks: unique names, one device per socket, control socket apart."""
     if not cfg.control_socket:
         cfg.control_socket = default_control_socket()
+    if "\0" in cfg.control_socket:
+        raise ConfigError("contains a NUL byte", "control-socket", value=cfg.control_socket)
     cfg.control_socket = os.path.abspath(cfg.control_socket)
     if len(os.fsencode(cfg.control_socket)) > SUN_PATH_MAX:
         raise ConfigError(f"longer than {SUN_PATH_MAX} bytes (sun_path)", "control-socket",
