@@ -164,6 +164,45 @@ def virtqueue_seed(straddle: bool) -> bytes:
     return bytes(e.out)
 
 
+def block_seeds() -> dict[str, bytes]:
+    """IN (513 writable bytes: data and status), OUT split over three buffers,
+    DISCARD with two segments."""
+    def device(e: Enc) -> Enc:
+        return e.u8(1).blob(b"image").u8(1).u8(1).u8(0)   # read-write, image, sparse, serial, no FLUSH
+    read = device(Enc()).u8(0).u64(0).u8(0).u8(1).u8(1)   # IN, sector 0
+    read.u8(0).u16(0).u8(0).u8(0).u8(0)                   # no payload, whole header, one piece
+    read.u16(0).u8(2).u8(0)                               # 513 writable bytes
+    write = device(Enc()).u8(2).u64(0).u8(1).u8(1).u8(1)  # OUT, sector 1
+    write.u8(0x42).u16(0).u8(3).u8(0)                     # 1024 bytes of 0x42
+    write.u8(2).u16(10).u16(600)                          # cut at 10 and 600
+    write.u8(0).u8(0).u8(0)                               # 1 status byte
+    discard = device(Enc()).u8(6).u64(0).u8(0).u8(1).u8(1).u8(1)
+    discard.u8(2)                                         # two segments
+    for _ in range(2):
+        discard.u64(0).u8(1).u32(0).u8(2).u32(0).u8(0)    # sector 1, 8 sectors, no flags
+    discard.u8(0).u8(0).u8(0).u8(0).u8(0)
+    return {"seed-read": bytes(read.out), "seed-write-split": bytes(write.out),
+            "seed-discard": bytes(discard.out)}
+
+
+def inflight_seed() -> bytes:
+    """One queue of 16 whose last batch (heads 2, 4) was published in the
+    ring (used idx 7) but not committed (used_idx 5): recovery clears it
+    and leaves head 7 in flight."""
+    e = Enc().u8(0).u8(2).u64(0).u8(0).u64(0).u8(0)      # 1 queue of 16, consistent size, offset 0
+    e.u8(1).u16(0).u8(0).u16(0).u8(0)                    # structured, version 1, desc_num 16
+    e.u8(2).u16(0).u8(1).u16(5)                          # last_batch_head 2, used_idx 5
+    e.u8(3)                                              # three descriptors
+    for head, nxt, counter in ((2, 4, 10), (4, 0, 11), (7, 0, 3)):
+        e.u8(head).u8(0).u8(0).u8(nxt).u16(0).u8(0).u8(counter).u64(0).u8(0)
+    e.u8(0)                                              # file of the right size
+    e.u16(7)                                             # the ring's used idx
+    e.u8(4)                                              # then 4 fetch/complete steps
+    for _ in range(4):
+        e.u8(1).u8(3)
+    return bytes(e.out)
+
+
 def main() -> None:
     out = HERE / "corpus" / "handler"
     out.mkdir(parents=True, exist_ok=True)
@@ -173,6 +212,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "seed-indirect-and-second-region").write_bytes(virtqueue_seed(straddle=False))
     (out / "seed-straddling-buffer").write_bytes(virtqueue_seed(straddle=True))
+    out = HERE / "corpus" / "block"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in block_seeds().items():
+        (out / name).write_bytes(data)
+    out = HERE / "corpus" / "inflight"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "seed-half-committed-batch").write_bytes(inflight_seed())
 
 
 if __name__ == "__main__":
