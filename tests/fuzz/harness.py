@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import select
 import socket
-import stat
 from collections.abc import Callable
 
 #: Most bytes of memory one input may have the harness allocate for it.
@@ -112,7 +111,3 @@ FD_KINDS: dict[str, Callable[[], int]] = {
     "epoll": lambda: os.dup(_EPOLL.fileno()),
 }
 FD_KIND_NAMES = tuple(FD_KINDS)
-
-
-def is_eventfd(fd: int) -> bool:
-    return stat.S_IFMT(os.fstat(fd).st_mode) == 0 and describe_fd(fd) == "anon_inode:[eventfd]"

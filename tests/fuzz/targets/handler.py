@@ -11,8 +11,11 @@ truncated memfd), or a guest action: a kick, a write into guest memory.
 Each message goes through ``DeviceRequestHandler.handle`` on the device's
 loop, as ``serve_connection`` would; a refused message ends the
 "connection" (``on_disconnect``) unless REPLY_ACK turns it into a nack.
-After the input: no fd left open, no traceback or internal error logged,
-no task failure on the loop.  Memory is bounded: memfds of at most 1 MiB,
+Every reply has the shape its request defines (u64 getters: 8 bytes,
+GET_CONFIG: the header echoed and the size asked, or empty; GET_INFLIGHT_FD:
+24 bytes and one fd; others: none).  After the input: no fd left open, no
+memory mapped, no queue started, no traceback or internal error logged, no
+task failure on the loop.  Memory is bounded: memfds of at most 1 MiB,
 ``MAX_STEPS`` steps.
 """
 
@@ -24,14 +27,14 @@ import os
 from connection import protocol as P
 from connection.errors import VhostUserError
 from connection.executor import Executor
-from connection.handler import DeviceRequestHandler, RequestRefused
+from connection.handler import REQUESTS_WITH_REPLY, DeviceRequestHandler, RequestRefused
 from connection.protocol import FrontendReq as R
 from devices.block import BlockDevice
 from tests.connection.support import XorDevice
 
 from ..bugs import BugLog
 from ..data import Data
-from ..harness import FD_KIND_NAMES, FD_KINDS, check_no_leak, close_all, memfd, open_fds
+from ..harness import FD_KIND_NAMES, FD_KINDS, FuzzBug, check_no_leak, close_all, memfd, open_fds
 
 MAX_STEPS = 24
 QVA = 0x7F00_0000_0000
@@ -221,7 +224,8 @@ class Session:
                 try:
                     try:
                         P.check_payload_size(req, len(payload))   # what the transport enforces
-                        loop.run_until_complete(self.handler.handle(msg))
+                        reply = loop.run_until_complete(self.handler.handle(msg))
+                        check_reply(msg.request, msg.payload, reply)
                     finally:
                         msg.close_fds()
                 except RequestRefused:
@@ -234,6 +238,8 @@ class Session:
             self.handler.on_disconnect()
             self.device.reset()
             self.settle()
+            if self.handler.mem.regions or any(q.started for q in self.handler.queues):
+                raise FuzzBug("on_disconnect left memory mapped or a queue started")
             close_all(self.guest)
             close_all(self.kicks)
             if self.image >= 0:
@@ -243,6 +249,34 @@ class Session:
                 pool.shutdown()
             if isinstance(self.device, BlockDevice):
                 os.close(self.device.fd)
+
+
+_U64_REPLIES = frozenset({R.GET_FEATURES, R.GET_PROTOCOL_FEATURES, R.GET_QUEUE_NUM, R.GET_MAX_MEM_SLOTS,
+                          R.GET_STATUS, R.GET_VRING_BASE})
+
+
+def check_reply(request: int, payload: bytes, reply: tuple[bytes, list[int]] | None) -> None:
+    """A request with a reply of its own gets one of the shape the front-end
+    waits for; every other request gets none (the ack is the caller's)."""
+    if request not in REQUESTS_WITH_REPLY:
+        if reply is not None:
+            raise FuzzBug(f"request {request} has no reply of its own but got {reply!r}")
+        return
+    if reply is None:
+        raise FuzzBug(f"request {request} answered without a reply")
+    data, fds = reply
+    if request in _U64_REPLIES:
+        ok = len(data) == 8 and not fds
+    elif request == R.GET_CONFIG:
+        asked = P.decode_config(request, payload)
+        ok = not fds and (data == b"" or (len(data) == P.CONFIG_HEADER.size + asked.size
+                                          and data[:8] == payload[:8]))
+    elif request == R.GET_INFLIGHT_FD:
+        ok = len(data) == P.INFLIGHT.size and len(fds) == 1
+    else:
+        ok = True
+    if not ok:
+        raise FuzzBug(f"request {request}: malformed reply {data[:32]!r} with {len(fds)} fds")
 
 
 def one_input(buf: bytes) -> None:
