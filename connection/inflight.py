@@ -47,6 +47,9 @@ DESC_SIZE = 16
 VERSION = 1
 MAX_QUEUE_SIZE = 32768
 MAX_QUEUES = 256  # the u8 vring index of vhost-user
+#: Highest fetch counter ``recover`` accepts: counting on from there can never
+#: overflow the u64 field (2**63 fetches), and no real region gets near it.
+MAX_COUNTER = 1 << 63
 
 
 def queue_stride(queue_size: int) -> int:
@@ -180,7 +183,11 @@ class InflightQueue:
         flags = b[HEADER_SIZE:HEADER_SIZE + DESC_SIZE * n:DESC_SIZE].tolist()
         q = self._q
         heads = sorted((i for i, f in enumerate(flags) if f == 1), key=lambda i: q[3 + 2 * i])
-        self.counter = q[3 + 2 * heads[-1]] + 1 if heads else 0
+        last = q[3 + 2 * heads[-1]] if heads else -1
+        if last >= MAX_COUNTER:   # only a forged region gets here; counting on would overflow the u64
+            raise ProtocolError(f"inflight queue {self.index}: head {heads[-1]} counter {last:#x} "
+                                f"is at or above {MAX_COUNTER:#x}")
+        self.counter = last + 1
         return heads
 
 
