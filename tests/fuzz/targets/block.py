@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import struct
 
 from connection.executor import Executor
 from connection.virtqueue import DescriptorChain
