@@ -8,7 +8,8 @@ checked by every device type's declaration; a TOML file with
 flags plus ``--jail`` flags, then the cross-device ``validate``.  An ``@``
 in the input stands for a private directory (with a subdirectory ``s``),
 so socket and pivot-root paths can exist (sockets are only checked, never bound;
-images are never opened: only the declarations parse).  Fine: ConfigError
+images are never opened: only the declarations parse).  A configuration
+that passes must carry jail ids a jail can switch to.  Fine: ConfigError
 (which names key, device and value).  A bug: any other exception.
 """
 
@@ -23,6 +24,7 @@ from supervisor.config import (SupervisorConfig, add_cli_devices, apply_jail_fla
                                parse_keyvalues, validate)
 
 from ..data import Data
+from ..harness import FuzzBug
 
 _dir: str | None = None
 FLAGS = tuple(t.flag for t in devices.DEVICE_TYPES.values())
@@ -59,6 +61,7 @@ def one_input(buf: bytes) -> None:
                 except ConfigError:
                     pass
             validate(cfg)
+            _check(cfg)
         else:
             cfg = SupervisorConfig()
             flags = [(d.pick(FLAGS), d.text(512).replace("@", work + "/")) for _ in range(d.below(4))]
@@ -66,5 +69,14 @@ def one_input(buf: bytes) -> None:
             apply_jail_flags(cfg, jail)
             add_cli_devices(cfg, flags)
             validate(cfg)
+            _check(cfg)
     except ConfigError:
         pass
+
+
+def _check(cfg: SupervisorConfig) -> None:
+    """What a configuration that passed must hold: ids a jail can switch to."""
+    for dev in cfg.devices:
+        uid, gid = dev.jail_user
+        if not (0 < uid <= 0xFFFF_FFFE and 0 < gid <= 0xFFFF_FFFE):
+            raise FuzzBug(f"device {dev.name}: jail-user {dev.jail_user} accepted")
