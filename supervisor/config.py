@@ -30,6 +30,8 @@ JAIL_KEYS = ("pivot-root", "seccomp-policy-dir", "seccomp-log-failures")
 SUPERVISOR_KEYS = ("control-socket", "disable-sandbox", "log-format", "grace-period") + JAIL_KEYS
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SUN_PATH_MAX = 107
+#: Largest uid/gid a jail can switch to ((uid_t)-1 means "unchanged" to setresuid).
+MAX_ID = 0xFFFF_FFFE
 DEFAULT_GRACE = 5.0
 
 
@@ -98,21 +100,30 @@ def parse_keyvalues(text: str, flag: str) -> dict[str, str]:
 def parse_jail_user(value: Any, device: str | None = None) -> tuple[int, int]:
     """``nobody``, ``65534``, ``1000:1000`` or ``user:group`` -> (uid, gid)."""
     text = str(value).strip()
+    if "\0" in text:
+        raise ConfigError("contains a NUL byte", "jail-user", device, text)
     user, _, group = text.partition(":")
     try:
-        if user.isdigit():
+        if _is_id(user):
             uid = int(user)
             gid = uid
         else:
             pw = pwd.getpwnam(user)
             uid, gid = pw.pw_uid, pw.pw_gid
         if group:
-            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+            gid = int(group) if _is_id(group) else grp.getgrnam(group).gr_gid
     except KeyError:
         raise ConfigError("no such user or group", "jail-user", device, text) from None
     if uid == 0 or gid == 0:
         raise ConfigError("a device child must not run as root", "jail-user", device, text)
+    if uid > MAX_ID or gid > MAX_ID:
+        raise ConfigError(f"uid/gid outside 1..{MAX_ID}", "jail-user", device, text)
     return uid, gid
+
+
+def _is_id(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also takes '²', which int() refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def _stringify(key: str, value: Any, device: str | None) -> str:
