@@ -5,7 +5,8 @@ The input is the text of a policy file and of a file it may include
 (``@include inc.policy``; the real ``common.policy`` may be included too),
 written to a private directory; it is parsed with libseccomp's syscall
 resolver, lowered to a libseccomp filter and, for some inputs, exported as
-BPF.  Fine: PolicyError (naming file and line).  A bug: anything else.
+BPF.  Every argument value that parses must be a u64 (nothing silently
+truncated).  Fine: PolicyError (naming file and line).  A bug: anything else.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import shutil
 import tempfile
 
 from sandbox.compiler import DEFAULT_ACTIONS, build_filter, export_bpf, syscall_number
-from sandbox.policy import PolicyError, parse_policy
+from sandbox.policy import U64, PolicyError, parse_policy
 
 from ..data import Data
+from ..harness import FuzzBug
 
 _dir: str | None = None
 
@@ -49,6 +51,11 @@ def one_input(buf: bytes) -> None:
         f.write(inc)
     try:
         policy = parse_policy(path, _known)
+        for rule in policy.rules.values():
+            for clause in rule.clauses:
+                for atom in clause:
+                    if not 0 <= atom.value <= U64:
+                        raise FuzzBug(f"{rule.name}: {atom.text!r} parsed to {atom.value:#x}, not a u64")
         filt = build_filter(policy, DEFAULT_ACTIONS[mode % len(DEFAULT_ACTIONS)])
         if mode & 0x10:
             export_bpf(filt)
