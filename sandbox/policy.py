@@ -146,7 +146,12 @@ def _value(text: str, src: Source) -> int:
                 raise PolicyError(src.file, src.line, f"missing ')' in {text!r}")
             return v
         if tok[0].isdigit():
-            return int(tok, 0) if not (tok.startswith("0") and len(tok) > 1 and tok[1] != "x") else int(tok, 8)
+            if len(tok) > 24:   # u64 needs at most 22 octal digits; also keeps int() within its digit limit
+                raise PolicyError(src.file, src.line, f"number {tok[:24]}... does not fit in 64 bits")
+            v = int(tok, 0) if not (tok.startswith("0") and len(tok) > 1 and tok[1] != "x") else int(tok, 8)
+            if v > U64:
+                raise PolicyError(src.file, src.line, f"number {tok} does not fit in 64 bits")
+            return v
         if tok in CONSTANTS:
             return CONSTANTS[tok] & U64
         raise PolicyError(src.file, src.line, f"unknown constant {tok!r}")
