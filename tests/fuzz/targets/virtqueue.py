@@ -13,8 +13,9 @@ the device).  The device pops every chain, fills its writable buffers and
 completes it.
 
 Checked for every chain: each buffer lies inside one region (by address,
-not only by length), the lengths add up to what the chain claims; after
-the input: the guard bytes are untouched, nothing was logged as
+not only by length), the lengths add up to what the chain claims; on a
+healthy queue the used ring holds exactly the completions in order and its
+idx counts them; after the input: the guard bytes are untouched, nothing was logged as
 unexpected, ``pop`` never raised.  Fine: ProtocolError/GuestMemoryError
 while configuring, a queue marked broken for a malformed chain.
 """
@@ -101,6 +102,20 @@ class Guest:
             os.close(fd)
 
 
+def _check_used(g: Guest, q: int, used_start: int, completed: list[tuple[int, int]]) -> None:
+    """The used ring holds exactly the completions, in order, and its idx
+    counts them (u16, from where the driver left it)."""
+    ring = os.pread(g.fds[0], 4 + 8 * q, GUARD + USED_AT)
+    idx = struct.unpack_from("<H", ring, 2)[0]
+    if idx != (used_start + len(completed)) & 0xFFFF:
+        raise FuzzBug(f"used idx {idx} after {len(completed)} completions from {used_start}")
+    for k in range(max(0, len(completed) - q), len(completed)):
+        slot = (used_start + k) & (q - 1)
+        got = struct.unpack_from("<II", ring, 4 + 8 * slot)
+        if got != completed[k]:
+            raise FuzzBug(f"used ring slot {slot}: {got}, completion {k} was {completed[k]}")
+
+
 def _descriptor(d: Data, g: Guest, q: int) -> bytes:
     if d.below(16) == 0:
         return d.bytes(16).ljust(16, b"\0")
@@ -143,6 +158,11 @@ def one_input(buf: bytes) -> None:
         addr = VringAddr(0, 0, QVA + d.pick((DESC_AT, DESC_AT, 8, SIZE - 16, SIZE)),
                          QVA + d.pick((USED_AT, USED_AT, 2, SIZE - 4)),
                          QVA + d.pick((AVAIL_AT, AVAIL_AT, 1, SIZE - 2)), 0)
+        used_start = struct.unpack_from("<H", os.pread(g.fds[0], 2, GUARD + USED_AT + 2))[0]
+        used_lo = g.bounds[0][0] + USED_AT
+        used_hi = used_lo + 8 * q + 8
+        completed: list[tuple[int, int]] = []
+        clobbered = False   # a writable buffer overlapping the used ring voids the used-ring check
         queue.set_size(q)
         queue.set_addresses(addr)
         queue.set_base(base)
@@ -177,19 +197,25 @@ def one_input(buf: bytes) -> None:
             fill = bytes([d.u8()])
             written = 0
             for v in chain.writable:
+                start = _address(v)
+                clobbered |= start < used_hi and used_lo < start + len(v)
                 v[:] = fill * len(v)
                 written += len(v)
             for v in chain.readable:
                 bytes(v[:16])
             if d.below(4):
                 queue.add_used(chain.head, written)
+                completed.append((chain.head, written))
                 if d.flag():
                     queue.flush()
             else:
                 chains.append(chain)   # completed later (out of order)
         for chain in chains:
             queue.add_used(chain.head, 0)
+            completed.append((chain.head, 0))
         queue.flush()
+        if queue.started and not queue.broken and not clobbered:
+            _check_used(g, q, used_start, completed)
         reason = queue.broken_reason or ""
         if reason.startswith("unexpected"):
             raise FuzzBug(f"queue broken by an exception: {reason}")
