@@ -15,7 +15,9 @@ that passes must carry jail ids a jail can switch to.  Fine: ConfigError
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import devices
@@ -34,6 +36,7 @@ def _workdir() -> str:
     global _dir
     if _dir is None:
         _dir = tempfile.mkdtemp(prefix="fuzz-config-")
+        atexit.register(shutil.rmtree, _dir, True)
         os.mkdir(os.path.join(_dir, "s"))
     return _dir
 

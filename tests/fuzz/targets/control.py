@@ -14,8 +14,10 @@ connection ends when the client's stream does.  A bug: an exception out of
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import os
+import shutil
 import socket
 import tempfile
 
@@ -36,7 +38,9 @@ def _setup() -> tuple[asyncio.AbstractEventLoop, ControlServer]:
     global _state
     if _state is None:
         loop = uvloop.new_event_loop()
-        path = os.path.join(tempfile.mkdtemp(prefix="fuzz-ctl-"), "control.sock")
+        work = tempfile.mkdtemp(prefix="fuzz-ctl-")
+        atexit.register(shutil.rmtree, work, True)
+        path = os.path.join(work, "control.sock")
         sup = Supervisor(SupervisorConfig(control_socket=path), {})
         _state = loop, ControlServer(bind_control_socket(path), sup.handle_request)
     return _state

@@ -11,6 +11,7 @@ truncated).  Fine: PolicyError (naming file and line).  A bug: anything else.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ def _workdir() -> str:
     global _dir
     if _dir is None:
         _dir = tempfile.mkdtemp(prefix="fuzz-policy-")
+        atexit.register(shutil.rmtree, _dir, True)
         common = os.path.join(os.path.dirname(__file__), "..", "..", "..", "seccomp", "common.policy")
         shutil.copy(common, os.path.join(_dir, "common.policy"))
     return _dir
