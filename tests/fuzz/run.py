@@ -36,6 +36,8 @@ CACHE = REPO / ".cache" / "fuzz"
 #: Per-input limits: a slower input is a hang, a larger RSS an unbounded allocation.
 TIMEOUT_S = 10
 RSS_LIMIT_MB = 1536
+#: A target that keeps crashing (one shallow bug) is stopped after this many.
+MAX_CRASHES = 200
 MAX_LEN = {"virtqueue": 8192, "handler": 8192, "block": 4096, "control": 8192}
 
 _STATUS = re.compile(r"^#(\d+)\s+(\w+)\s+cov: (\d+) ft: (\d+) corp: (\d+)/\S+(?:.*?exec/s: (\d+))?")
@@ -77,6 +79,7 @@ def _run_once(target: str, seconds: int, nice: int, res: Result, log) -> None:
                             text=True, errors="replace")
     last_execs = 0
     kind = None
+    want_kind = False
     assert proc.stdout is not None
     for line in proc.stdout:
         log.write(line)
@@ -91,11 +94,17 @@ def _run_once(target: str, seconds: int, nice: int, res: Result, log) -> None:
             res.corpus = max(res.corpus, corp)
         elif line.startswith("stat::number_of_executed_units:"):
             last_execs = int(line.split(":")[-1])
-        elif "ERROR: libFuzzer:" in line or "Uncaught Python exception" in line:
+        elif "Uncaught Python exception" in line:
+            want_kind = True
+        elif want_kind and line.strip():
+            kind = kind or line.strip()[:160]   # "ValueError: ..." (or "FuzzBug: ...")
+            want_kind = False
+        elif "ERROR: libFuzzer:" in line:
             kind = kind or line.strip()
         elif m2 := _ARTIFACT.search(line):
             res.crashes.append(m2.group(1))
             res.kinds.append(kind or "?")
+            kind = None
     proc.wait()
     res.seconds += time.monotonic() - t0
     res.execs += last_execs
@@ -109,7 +118,7 @@ def run_target(target: str, seconds: int, nice: int) -> Result:
     with open(CACHE / target / "fuzz.log", "w") as log:
         while (left := int(deadline - time.monotonic())) >= 5:
             _run_once(target, left, nice, res, log)
-            if len(res.crashes) > 50:
+            if len(res.crashes) >= MAX_CRASHES:
                 break
     return res
 
