@@ -88,7 +88,12 @@ def _split(d: Data, data: bytes) -> list[bytes]:
 
 def one_input(buf: bytes) -> None:
     ex, bugs, mm = _setup()
-    d = Data(buf)
+    with bugs:
+        _one(ex, mm, Data(buf))
+    bugs.raise_if_any()
+
+
+def _one(ex: Executor, mm: mmap.mmap, d: Data) -> None:
     read_only = d.below(4) == 0
     image = memfd(IMAGE, d.blob(64) * 8)
     dev = BlockDevice(ex, "fuzz-blk", image, IMAGE, read_only=read_only, sparse=d.flag(),
@@ -132,4 +137,3 @@ def one_input(buf: bytes) -> None:
     finally:
         arena.release()
         os.close(image)
-    bugs.raise_if_any()

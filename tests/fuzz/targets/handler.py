@@ -282,6 +282,7 @@ def check_reply(request: int, payload: bytes, reply: tuple[bytes, list[int]] | N
 def one_input(buf: bytes) -> None:
     ex, bugs = _executor()
     before = open_fds()
-    Session(Data(buf), ex).run()
+    with bugs:
+        Session(Data(buf), ex).run()
     bugs.raise_if_any()
     check_no_leak(before, "handler")

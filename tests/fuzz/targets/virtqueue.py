@@ -130,7 +130,12 @@ def _descriptor(d: Data, g: Guest, q: int) -> bytes:
 
 def one_input(buf: bytes) -> None:
     loop, bugs = _setup()
-    d = Data(buf)
+    with bugs:
+        _one(loop, Data(buf))
+    bugs.raise_if_any()
+
+
+def _one(loop, d: Data) -> None:
     g = Guest(d)
     chains: list[DescriptorChain] = []
     inflight = None
@@ -229,4 +234,3 @@ def one_input(buf: bytes) -> None:
         g.close()
         if inflight is not None:
             inflight.close()
-    bugs.raise_if_any()
