@@ -84,6 +84,11 @@ class InflightQueue:
         self._h = view.cast("H")
         self._q = view.cast("Q")
 
+    def release(self) -> None:
+        """Drop the views into the region (it is being unmapped and nobody serves this queue)."""
+        for v in (self._q, self._h, self._b):
+            v.release()
+
     # header fields the queue and tests read
     @property
     def version(self) -> int:
@@ -262,12 +267,19 @@ class InflightRegion:
             os.close(fd)
             raise
         region = cls(fd, mm, info)
+        problem = None
         try:
             for index in range(region.num_queues):
                 region.queue(index).check()
         except ProtocolError as exc:
+            problem = str(exc)
+        if problem is not None:
+            # Nobody holds these queues yet: drop their views so the mapping
+            # (and the fd mmap keeps) really closes now, not at some later GC.
+            for q in region._queues.values():
+                q.release()
             region.close()
-            raise ProtocolError(f"SET_INFLIGHT_FD: {exc}") from None
+            raise ProtocolError(f"SET_INFLIGHT_FD: {problem}")
         return region
 
     def queue(self, index: int) -> InflightQueue:

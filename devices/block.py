@@ -906,7 +906,10 @@ def _power_of_two(value: int) -> str | None:
 
 
 def _id_fits(value: str) -> str | None:
-    n = len(value.encode())
+    try:
+        n = len(value.encode())
+    except UnicodeEncodeError:   # undecodable argv bytes arrive as surrogates
+        return "not UTF-8 text"
     return None if n <= ID_BYTES else f"{n} bytes, at most {ID_BYTES}"
 
 

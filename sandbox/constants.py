@@ -82,9 +82,13 @@ def _collect() -> dict[str, int]:
 CONSTANTS: dict[str, int] = _collect()
 
 
+#: Largest errno a syscall can return (linux/err.h MAX_ERRNO).
+MAX_ERRNO = 4095
+
+
 def errno_value(name: str) -> int | None:
     """The number of an errno name (ENOENT) or a decimal, None if unknown."""
 
-    if name.isdigit():
-        return int(name)
+    if name.isascii() and name.isdigit():   # not '²', which isdigit() takes and int() refuses
+        return int(name) if len(name) <= 4 and int(name) <= MAX_ERRNO else None
     return getattr(errno, name, None) if name.startswith("E") else None

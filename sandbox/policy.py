@@ -146,7 +146,12 @@ def _value(text: str, src: Source) -> int:
                 raise PolicyError(src.file, src.line, f"missing ')' in {text!r}")
             return v
         if tok[0].isdigit():
-            return int(tok, 0) if not (tok.startswith("0") and len(tok) > 1 and tok[1] != "x") else int(tok, 8)
+            if len(tok) > 24:   # u64 needs at most 22 octal digits; also keeps int() within its digit limit
+                raise PolicyError(src.file, src.line, f"number {tok[:24]}... does not fit in 64 bits")
+            v = int(tok, 0) if not (tok.startswith("0") and len(tok) > 1 and tok[1] != "x") else int(tok, 8)
+            if v > U64:
+                raise PolicyError(src.file, src.line, f"number {tok} does not fit in 64 bits")
+            return v
         if tok in CONSTANTS:
             return CONSTANTS[tok] & U64
         raise PolicyError(src.file, src.line, f"unknown constant {tok!r}")
@@ -191,8 +196,13 @@ def _expression(text: str, src: Source) -> list[Clause]:
 
 
 def _logical_lines(path: str) -> list[tuple[int, str]]:
-    with open(path, encoding="utf-8") as f:
-        raw = f.read().splitlines()
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        raw = data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise PolicyError(path, data.count(b"\n", 0, e.start) + 1,
+                          f"not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})") from None
     out: list[tuple[int, str]] = []
     pending = ""
     start = 0

@@ -83,6 +83,8 @@ SUPERVISOR_KEYS = ("control-socket", "disable-sandbox", "log-format", "grace-per
     CONTAINMENT_SUPERVISOR_KEYS + LIFECYCLE_SUPERVISOR_KEYS
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SUN_PATH_MAX = 107
+#: Largest uid/gid a jail can switch to ((uid_t)-1 means "unchanged" to setresuid).
+MAX_ID = 0xFFFF_FFFE
 DEFAULT_GRACE = 5.0
 
 
@@ -160,21 +162,30 @@ def parse_keyvalues(text: str, flag: str) -> dict[str, str]:
 def parse_jail_user(value: Any, device: str | None = None) -> tuple[int, int]:
     """``nobody``, ``65534``, ``1000:1000`` or ``user:group`` -> (uid, gid)."""
     text = str(value).strip()
+    if "\0" in text:
+        raise ConfigError("contains a NUL byte", "jail-user", device, text)
     user, _, group = text.partition(":")
     try:
-        if user.isdigit():
+        if _is_id(user):
             uid = int(user)
             gid = uid
         else:
             pw = pwd.getpwnam(user)
             uid, gid = pw.pw_uid, pw.pw_gid
         if group:
-            gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+            gid = int(group) if _is_id(group) else grp.getgrnam(group).gr_gid
     except KeyError:
         raise ConfigError("no such user or group", "jail-user", device, text) from None
     if uid == 0 or gid == 0:
         raise ConfigError("a device child must not run as root", "jail-user", device, text)
+    if uid > MAX_ID or gid > MAX_ID:
+        raise ConfigError(f"uid/gid outside 1..{MAX_ID}", "jail-user", device, text)
     return uid, gid
+
+
+def _is_id(text: str) -> bool:
+    """ASCII digits only (``str.isdigit`` also takes '²', which int() refuses)."""
+    return text.isascii() and text.isdigit()
 
 
 def _stringify(key: str, value: Any, device: str | None) -> str:
@@ -188,6 +199,8 @@ def _stringify(key: str, value: Any, device: str | None) -> str:
 def _check_socket_path(path: str, key: str, device: str | None) -> str:
     if not path:
         raise ConfigError("is required (the vhost-user socket path)", key, device)
+    if "\0" in path:
+        raise ConfigError("contains a NUL byte", key, device, path)
     path = os.path.abspath(path)
     if len(os.fsencode(path)) > SUN_PATH_MAX:
         raise ConfigError(f"longer than {SUN_PATH_MAX} bytes (sun_path)", key, device, path)
@@ -286,6 +299,9 @@ def load_toml(path: str, cfg: SupervisorConfig | None = None) -> SupervisorConfi
         raise ConfigError(f"{path}: {e.strerror}", "--config") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}", "--config") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start})",
+                          "--config") from None
     for key in data:
         if key not in ("supervisor", "jail", "device"):
             raise ConfigError(f"unknown top-level key in {path} (known: supervisor, jail, device)", key)
@@ -351,6 +367,8 @@ def validate(cfg: SupervisorConfig) -> None:
     """Cross-device checks: unique names, one device per socket, control socket apart."""
     if not cfg.control_socket:
         cfg.control_socket = default_control_socket()
+    if "\0" in cfg.control_socket:
+        raise ConfigError("contains a NUL byte", "control-socket", value=cfg.control_socket)
     cfg.control_socket = os.path.abspath(cfg.control_socket)
     if len(os.fsencode(cfg.control_socket)) > SUN_PATH_MAX:
         raise ConfigError(f"longer than {SUN_PATH_MAX} bytes (sun_path)", "control-socket",
