@@ -319,7 +319,12 @@ def _unix_scan(env: Any) -> str:
             want = 2 * pairs + len(os.listdir("/proc/self/fd")) + 256
             resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
             drop_to(UNPRIVILEGED_UID)
-            held = [socket.socketpair() for _ in range(pairs)]
+            try:
+                held = [socket.socketpair() for _ in range(pairs)]
+            except OSError as e:
+                os.write(ready_w, f"E{e} (rlimit {resource.getrlimit(resource.RLIMIT_NOFILE)}, "
+                                  f"{len(os.listdir('/proc/self/fd'))} fds open)".encode()[:500])
+                raise
             os.write(ready_w, b"R")
             os.read(done_r, 1)        # until the parent has measured (or died)
             assert len(held) == pairs
@@ -328,8 +333,10 @@ def _unix_scan(env: Any) -> str:
     os.close(ready_w)
     os.close(done_r)
     try:
-        if os.read(ready_r, 1) != b"R":
-            raise CaseFailed("the process holding the sockets could not create them")
+        got = os.read(ready_r, 512)
+        if got != b"R":
+            raise CaseFailed(f"the process holding the sockets could not create them: "
+                             f"{got[1:].decode(errors='replace') or 'it died'}")
         sup = psutil.Process(env.sup.proc.pid)
         c0 = sup.cpu_times()
         time.sleep(3.0)
