@@ -307,7 +307,8 @@ def _unix_scan(env: Any) -> str:
     env.settle()
     import resource
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    pairs = min(10_000, (hard - 64) // 2) if hard != resource.RLIM_INFINITY else 10_000
+    spare = (hard - len(os.listdir("/proc/self/fd")) - 256) if hard != resource.RLIM_INFINITY else 20_000
+    pairs = max(1, min(10_000, spare // 2))
     ready_r, ready_w = os.pipe()
     done_r, done_w = os.pipe()
     pid = os.fork()
