@@ -42,7 +42,7 @@ import psutil
 
 from supervisor.control import request
 from benchmarks import containment_devices
-from frontend.hostile import garbage_storm
+from frontend.hostile import garbage_storm, hold_unix_sockets
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -154,27 +154,6 @@ def bench_storm(code: str, cycles: int, jailed: bool) -> dict[str, Any]:
                 "log_bytes": sup.log_bytes() - b0}
     finally:
         sup.close()
-
-
-def hold_unix_sockets(n: int, per_process: int = 15000) -> list[int]:
-    """Processes holding ``n`` connected Unix sockets in all (fd limits are per process)."""
-    pids = []
-    for start in range(0, n, per_process):
-        count = min(per_process, n - start)
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            held = [socket.socketpair() for _ in range(count // 2)]
-            os.write(w, b"k")
-            signal.pause()
-            del held
-            os._exit(0)
-        os.close(w)
-        os.read(r, 1)
-        os.close(r)
-        pids.append(pid)
-    return pids
 
 
 def bench_idle_sockets(code: str, n: int, seconds: float) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import signal
 import struct
 import time
 
@@ -156,3 +157,27 @@ def garbage_storm(path: str, cycles: int) -> int:
         finally:
             s.close()
     return connected
+
+
+def hold_unix_sockets(n: int, per_process: int = 8000) -> list[int]:
+    """Fork processes that hold ``n`` connected Unix sockets in all (an fd
+    limit is per process), as an unrelated local user would; returns their
+    pids once every socket exists (kill them to release the sockets)."""
+    pids = []
+    for start in range(0, n, per_process):
+        count = min(per_process, n - start)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(r)
+            held = [socket.socketpair() for _ in range(count // 2)]
+            os.write(w, b"k")
+            os.close(w)
+            signal.pause()
+            del held
+            os._exit(0)
+        os.close(w)
+        assert os.read(r, 1) == b"k"
+        os.close(r)
+        pids.append(pid)
+    return pids

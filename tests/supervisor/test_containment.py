@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from frontend.exercise import drive_rng
-from frontend.hostile import garbage_storm
+from frontend.hostile import garbage_storm, hold_unix_sockets
 
 from .conftest import REPO, SupervisorProc, pid_alive
 
@@ -294,32 +294,9 @@ def test_stderr_flood_is_dropped_and_counted(sup_dir: str) -> None:
         sup.cleanup()
 
 
-def _hold_unix_sockets(n: int, per_process: int = 8000) -> list[int]:
-    """Fork processes that hold ``n`` connected Unix sockets in all (an fd
-    limit is per process); returns their pids once every socket exists."""
-    pids = []
-    for start in range(0, n, per_process):
-        count = min(per_process, n - start)
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            held = [socket.socketpair() for _ in range(count // 2)]
-            os.write(w, b"k")
-            os.close(w)
-            signal.pause()
-            del held
-            os._exit(0)
-        os.close(w)
-        assert os.read(r, 1) == b"k"
-        os.close(r)
-        pids.append(pid)
-    return pids
-
-
 def test_frontend_state_cost_does_not_grow_with_host_unix_sockets(sup: SupervisorProc) -> None:
     """Finding 7: the 1 Hz scan of /proc/net/unix read every socket on the host."""
-    holders = _hold_unix_sockets(20000)
+    holders = hold_unix_sockets(20000)
     try:
         rng = sup.path("r.sock")
         sup.start("--rng", f"vhost={rng}")
