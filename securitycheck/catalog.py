@@ -36,7 +36,6 @@ class Case:
     fn: Callable[[Any], str] = field(repr=False, compare=False)
     #: Set when the defence is being built elsewhere (issue 9 finding and branch):
     #: the case is expected to fail until that lands, and the report says so.
-    awaiting: str | None = None
 
 
 _REGISTRY: dict[str, Case] = {}

@@ -29,7 +29,7 @@ class Result:
         c = self.case
         return {"id": c.id, "class": c.cls, "device_type": c.device_type, "tries": c.tries,
                 "expected": c.expected, "observed": self.observed, "verdict": self.verdict,
-                "seconds": round(self.seconds, 4), "awaiting": c.awaiting}
+                "seconds": round(self.seconds, 4)}
 
 
 def run_case(env: Any, case: Case) -> Result:
@@ -54,8 +54,7 @@ def run_cases(env: Any, cases: list[Case], progress: TextIO | None = None) -> li
         r = run_case(env, case)
         results.append(r)
         if progress is not None:
-            mark = r.verdict + (" (awaiting fix)" if r.verdict == FAIL and case.awaiting else "")
-            progress.write(f"[{i}/{len(cases)}] {case.id}: {mark} ({r.seconds:.2f}s)\n")
+            progress.write(f"[{i}/{len(cases)}] {case.id}: {r.verdict} ({r.seconds:.2f}s)\n")
             progress.flush()
     return results
 
@@ -73,8 +72,7 @@ def format_table(results: list[Result], wide: bool = False) -> str:
     lines = ["  ".join(n.ljust(w) for n, w in cols), "  ".join("-" * w for _, w in cols)]
     for r in results:
         c = r.case
-        verdict = r.verdict + ("*" if r.verdict == FAIL and c.awaiting else "")
-        vals = [c.id, c.cls, c.device_type, c.tries, c.expected, r.observed, verdict, f"{r.seconds:.2f}"]
+        vals = [c.id, c.cls, c.device_type, c.tries, c.expected, r.observed, r.verdict, f"{r.seconds:.2f}"]
         lines.append("  ".join(_cut(v, w).ljust(w) for v, (_, w) in zip(vals, cols)))
     return "\n".join(lines)
 
@@ -87,14 +85,10 @@ def summary(results: list[Result], seconds: float) -> str:
     parts = [f"{cls}: {p}/{p + f}" for cls, (p, f) in by_class.items()]
     passed = sum(1 for r in results if r.verdict == PASS)
     lines = [f"{passed}/{len(results)} cases passed in {seconds:.1f}s ({'; '.join(parts)})"]
-    awaiting = [r for r in results if r.verdict == FAIL and r.case.awaiting]
-    other = [r for r in results if r.verdict == FAIL and not r.case.awaiting]
-    if awaiting:
-        lines.append(f"{len(awaiting)} failing case(s) (*) wait for a fix being made elsewhere:")
-        lines += [f"  {r.case.id}: {r.case.awaiting}" for r in awaiting]
-    if other:
-        lines.append(f"{len(other)} failing case(s):")
-        lines += ["  " + textwrap.shorten(f"{r.case.id}: {r.observed}", 200) for r in other]
+    failed = [r for r in results if r.verdict == FAIL]
+    if failed:
+        lines.append(f"{len(failed)} failing case(s):")
+        lines += ["  " + textwrap.shorten(f"{r.case.id}: {r.observed}", 200) for r in failed]
     return "\n".join(lines)
 
 
@@ -132,7 +126,6 @@ def build_report(env: Any, results: list[Result], seconds: float, audits: dict[s
         "ok": all(r.verdict == PASS for r in results),
         "passed": sum(1 for r in results if r.verdict == PASS),
         "failed": sum(1 for r in results if r.verdict != PASS),
-        "awaiting_fix": [r.case.id for r in results if r.verdict != PASS and r.case.awaiting],
         "seconds": round(seconds, 2),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - seconds)),
         "host": {"kernel": u.release, "kernel_version": u.version, "machine": u.machine, "hostname": u.nodename},

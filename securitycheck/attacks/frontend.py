@@ -100,7 +100,7 @@ ACCEPT_END = (CLOSED, REFUSED)
 
 def hostile_case(id: str, type_name: str, tries: str, script: Callable[[VhostUserFrontend], str], *,
                  accept: tuple[str, ...] | None = ACCEPT_END, expected: str | None = None,
-                 awaiting: str | None = None, allow_crash: bool = False,
+                 allow_crash: bool = False,
                  exit_check: Callable[[dict[str, Any]], str | None] | None = None) -> Case:
     """``script`` drives one hostile connection and returns what happened
     (``after``'s words); ``accept`` None takes any answer (the check is then
@@ -129,8 +129,7 @@ def hostile_case(id: str, type_name: str, tries: str, script: Callable[[VhostUse
         return f"{outcome}; child: {how}; supervisor and other devices untouched; fresh connection served"
 
     return Case(f"frontend.{id}.{type_name}", "frontend", type_name, tries,
-                expected or "connection ends or request refused; child exits cleanly; device serves again", run,
-                awaiting=awaiting)
+                expected or "connection ends or request refused; child exits cleanly; device serves again", run)
 
 
 # ---------------------------------------------------------------------------

@@ -84,7 +84,7 @@ def submit(g: Guest, descs: list[tuple[int, int, int, int]], status: memoryview 
 
 def guest_case(id: str, type_name: str, tries: str, script: Callable[[Guest], str], *,
                accept: tuple[str, ...] = (BROKEN, "completed with status IOERR", "completed with status UNSUPP"),
-               variant: str = "", expected: str | None = None, awaiting: str | None = None,
+               variant: str = "", expected: str | None = None,
                inflight: bool = False, after: Callable[[Guest, str], str | None] | None = None) -> Case:
     nq = {"console": 2}.get(type_name, 1)
 
@@ -126,7 +126,7 @@ def guest_case(id: str, type_name: str, tries: str, script: Callable[[Guest], st
         return f"{outcome}; child lived on; guard bytes intact; device serves again"
 
     return Case(f"guest.{id}.{type_name}" + (f"-{variant}" if variant else ""), "guest", type_name, tries,
-                expected or f"{' or '.join(accept)}; child lives on; guards intact", run, awaiting=awaiting)
+                expected or f"{' or '.join(accept)}; child lives on; guards intact", run)
 
 
 # ---------------------------------------------------------------------------

@@ -56,8 +56,8 @@ def _as(uid: int, fn: Callable[[], Any]) -> Any:
     return outcome(in_fork(fn, uid=uid, timeout=10.0))
 
 
-def _case(id: str, dev: str, tries: str, expected: str, fn: Callable[[Any], str], awaiting: str | None = None) -> None:
-    register(Case(f"localuser.{id}", "localuser", dev, tries, expected, fn, awaiting=awaiting))
+def _case(id: str, dev: str, tries: str, expected: str, fn: Callable[[Any], str]) -> None:
+    register(Case(f"localuser.{id}", "localuser", dev, tries, expected, fn))
 
 
 # ---------------------------------------------------------------------------

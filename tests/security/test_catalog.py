@@ -1,10 +1,7 @@
 """Every case of the security-check catalog, as a test (so `make test` runs
 the same attacks as `vhost-supervisor security-check`).
 
-One temporary supervisor serves the whole session.  Cases waiting for a fix
-being made elsewhere (``Case.awaiting``, issue 9) are marked xfail with that
-reason: they show as XFAIL until the fix lands, then XPASS (drop
-``awaiting`` then).
+One temporary supervisor serves the whole session; every case must pass.
 """
 
 from __future__ import annotations
@@ -38,9 +35,7 @@ def test_catalog_size_and_classes():
     assert len(CASES) >= 120 and len(by_class) == 6, by_class
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c, id=c.id, marks=[pytest.mark.xfail(reason=c.awaiting, strict=False)] if c.awaiting else [])
-    for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_case(seccheck_env, case):
     r = run_case(seccheck_env, case)
     assert r.verdict == PASS, f"tried: {case.tries}\nexpected: {case.expected}\nobserved: {r.observed}"
