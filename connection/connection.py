@@ -16,7 +16,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 
 from .device import VhostUserDevice, VhostUserDeviceBuilder
@@ -67,6 +67,12 @@ async def serve_connection(sock: socket.socket, handler: Backend, ex: Executor) 
             handler.on_disconnect()
         except Exception:
             log.exception("cleanup after disconnect failed")
+        try:
+            # The end of the connection for every holder of the socket (the
+            # supervisor keeps a duplicate to watch the front-end), not just ours.
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         msock.close()
 
 
@@ -186,7 +192,13 @@ class VhostUserConnection(abc.ABC):
 
 
 class VhostUserListener(VhostUserConnection):
-    """A listening Unix socket at ``path``, bound in the constructor."""
+    """A listening Unix socket at ``path``, bound in the constructor.
+
+    ``on_accept``, if set, sees each accepted connection before it is served
+    (the supervised child shows it to the supervisor: supervisor/child.py).
+    """
+
+    on_accept: Callable[[socket.socket], None] | None = None
 
     def __init__(self, path: str, *, mode: int = 0o600) -> None:
         self.path = os.fspath(path)
@@ -216,6 +228,11 @@ class VhostUserListener(VhostUserConnection):
             raise ConnectionClosed(f"listener {self.path} is closed")
         conn = await self._accept(ex.loop)
         log.info("front-end connected on %s", self.path)
+        if self.on_accept is not None:
+            try:
+                self.on_accept(conn)
+            except Exception as e:  # noqa: BLE001 - a status hint, never a reason to drop the front-end
+                log.warning("on_accept hook failed: %s: %s", type(e).__name__, e)
         await serve_connection(conn, handler, ex)
 
     async def _accept(self, loop: asyncio.AbstractEventLoop) -> socket.socket:

@@ -125,7 +125,15 @@ def claim_block(pool: IdRange, block: int, need: int, lock_dir: str, *,
     import fcntl
     if need > block:
         raise IdRangeError(f"{need} devices need more ids than one slice of {block} holds")
-    os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(lock_dir, mode=0o700, exist_ok=True)
+        writable = os.access(lock_dir, os.W_OK | os.X_OK)
+    except OSError as e:
+        raise IdRangeError(f"uid-slice lock directory {lock_dir}: {e.strerror}") from e
+    if not writable:
+        # e.g. made by a root supervisor, now used by the unit's service user
+        raise IdRangeError(f"uid-slice lock directory {lock_dir} is not writable by uid {os.geteuid()}: "
+                           f"set uid-range= or give it to this user")
     used = _used_ids(pool, skip_pids)
     for start in range(pool.start, pool.start + pool.count - block + 1, block):
         piece = IdRange(start, block)

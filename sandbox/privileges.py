@@ -39,6 +39,19 @@ JAIL_SECUREBITS = (SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP
                    | SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NO_CAP_AMBIENT_RAISE_LOCKED)
 
 
+def can_map_ids() -> bool:
+    """True if this process may give a jail another host uid/gid.
+
+    Writing a child's uid_map/gid_map with ids other than our own takes
+    CAP_SETUID and CAP_SETGID in our user namespace, not uid 0: the shipped
+    systemd unit runs the supervisor as an unprivileged service user that holds
+    exactly those two capabilities (AmbientCapabilities=), and root without
+    them cannot do it either.
+    """
+
+    return bool(prctl.cap_effective.setuid and prctl.cap_effective.setgid)
+
+
 def _err(step: str, e: BaseException) -> JailError:
     return JailError(step, getattr(e, "errno", 0) or 0, str(e))
 
@@ -75,9 +88,10 @@ def lock_securebits() -> None:
 
 
 def drop_supplementary_groups() -> None:
-    """Before unshare: a root parent's group list (gid 0) must not leak in."""
+    """Before unshare: a privileged parent's group list (gid 0, or the service
+    user's groups) must not leak in."""
 
-    if os.geteuid() == 0:
+    if can_map_ids():
         try:
             os.setgroups([])
         except OSError as e:

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 from .config import JailConfig, JailError
+from .privileges import can_map_ids
 
 
 @dataclass(frozen=True)
@@ -20,12 +21,13 @@ class IdMap:
 
 
 def plan_ids(config: JailConfig) -> IdMap:
-    """Root parent: the configured host ids; ordinary user: only itself.
+    """A parent that holds CAP_SETUID/CAP_SETGID (root, or the systemd unit's
+    service user): the configured host ids; an ordinary user: only itself.
 
     Inside ids equal host ids so logs and /proc read the same on both sides.
     """
 
-    if os.geteuid() == 0:
+    if can_map_ids():
         return IdMap(config.uid, config.uid, config.gid, config.gid)
     return IdMap(os.geteuid(), os.geteuid(), os.getegid(), os.getegid())
 

@@ -13,13 +13,14 @@ answering, and the supervisor's watchdog kills it.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
 import sys
 import threading
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from connection.device import VhostUserDeviceBuilder
@@ -29,6 +30,7 @@ from sandbox.exits import decode_wait_status
 from .slot import ExitInfo
 
 READY_BYTE = b"R"
+FRONTEND_BYTE = b"F"       # on the heartbeat channel, with the accepted connection's fd
 
 _PARENT_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
                    signal.SIGCHLD)
@@ -124,6 +126,25 @@ class ReadyBuilder(VhostUserDeviceBuilder):
         return getattr(self._inner, name)
 
 
+def show_frontend(heartbeat_fd: int, conn: socket.socket) -> None:
+    """Hand the supervisor a duplicate of the accepted front-end connection
+    (FRONTEND_BYTE with the fd, on the heartbeat channel).
+
+    The supervisor watches it for the front-end's hang-up to tell ``ready``
+    from ``serving``.  It cannot look into our fd table itself: a jailed
+    device is not dumpable, and the systemd unit gives the supervisor no
+    CAP_SYS_PTRACE.  What it is shown it checks (supervision._take_frontend);
+    a device that shows nothing only makes its own status read "no".
+    """
+    ch = socket.socket(fileno=heartbeat_fd)
+    try:
+        socket.send_fds(ch, [FRONTEND_BYTE], [conn.fileno()])
+    except BlockingIOError:
+        pass     # the supervisor's end is full: a status hint lost, nothing else
+    finally:
+        ch.detach()
+
+
 def device_target(name: str, conn: Any, builder: Any, status_fd: int,
                   heartbeat_fd: int | None = None, counters: Any = None) -> Callable[[], int]:
     """The function a child runs after jailing: serve one front-end, then exit."""
@@ -134,6 +155,8 @@ def device_target(name: str, conn: Any, builder: Any, status_fd: int,
         from .logs import setup_child_logging
         try:
             setup_child_logging()
+            if heartbeat_fd is not None and hasattr(conn, "on_accept"):
+                conn.on_accept = functools.partial(show_frontend, heartbeat_fd)
             ex = Executor()
             conn.run_device(ex, ReadyBuilder(builder, status_fd, heartbeat_fd, counters))
         except SystemExit as e:
@@ -161,23 +184,13 @@ class ChildProcess:
     jailed: Any = None            # sandbox.JailedChild, or None for a plain fork
     reaped: bool = False
     heartbeat_fd: int = -1        # our end of the heartbeat socketpair (non-blocking)
-    _device_pidfd: int = -1       # jailed: a pidfd of the device process itself
+    frontend_fds: list[int] = field(default_factory=list)   # what show_frontend handed us
 
     device_pid: int = 0           # the process that runs the device (jailed: the forwarder's child)
 
     def __post_init__(self) -> None:
         if not self.device_pid:
             self.device_pid = int(getattr(self.jailed, "device_pid", None) or self.pid)
-        if self.jailed is not None and self.device_pid != self.pid:
-            try:
-                self._device_pidfd = os.pidfd_open(self.device_pid)
-            except OSError:
-                self._device_pidfd = -1
-
-    @property
-    def device_pidfd(self) -> int:
-        """A pidfd of the process that runs the device (the front-end check reads its fds)."""
-        return self.pidfd if self.jailed is None or self.device_pid == self.pid else self._device_pidfd
 
     def exit_info(self, status: int) -> ExitInfo:
         """Classify a wait status of ``pid`` (the jail knows about seccomp and set-up failures)."""
@@ -218,7 +231,7 @@ class ChildProcess:
 
     def close(self) -> None:
         """Close our fds; the jailed child's own (pidfd, violation fd) are closed by it."""
-        fds = [self.log_fd, self.status_fd, self.heartbeat_fd, self._device_pidfd] + \
+        fds = [self.log_fd, self.status_fd, self.heartbeat_fd, *self.frontend_fds] + \
             ([self.pidfd] if self.jailed is None else [])
         for fd in fds:
             if fd >= 0:
@@ -226,7 +239,8 @@ class ChildProcess:
                     os.close(fd)
                 except OSError:
                     pass
-        self.log_fd = self.status_fd = self.heartbeat_fd = self._device_pidfd = -1
+        self.log_fd = self.status_fd = self.heartbeat_fd = -1
+        self.frontend_fds = []
         if self.jailed is not None:
             try:
                 self.jailed.close()

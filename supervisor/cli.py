@@ -117,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "with ExecStart= pointing at this installation.")
     un.add_argument("--install", metavar="DIR", help="write the units into DIR (e.g. /etc/systemd/system)")
     un.add_argument("--bindir", metavar="DIR", help="directory of the vhost-supervisor command in ExecStart=")
+    un.add_argument("--sysusers-dir", metavar="DIR", default="/etc/sysusers.d",
+                    help="with --install: where the service user's sysusers.d entry goes (default %(default)s)")
 
     dev = sub.add_parser("device", help="run one device unjailed (crosvm device ...)", add_help=False)
     dev.add_argument("args", nargs=argparse.REMAINDER)
@@ -290,17 +292,20 @@ def cmd_systemd_units(args: argparse.Namespace) -> int:
     from . import units
     if args.install:
         try:
-            for path in units.install(args.install, args.bindir):
+            for path in units.install(args.install, args.bindir, args.sysusers_dir):
                 print(path)
         except OSError as e:
             _err(f"--install: {e}")
             return EXIT_CONFIG
-        print("then: systemctl daemon-reload; systemctl enable --now vhost-supervisor@NAME.socket ... "
+        print(f"then: systemd-sysusers (creates user {units.SERVICE_USER}); chown {units.SERVICE_USER}: the images; "
+              "systemctl daemon-reload; systemctl enable --now vhost-supervisor@NAME.socket ... "
               "vhost-supervisor.service", file=sys.stderr)
         return 0
     for name, text in units.render(args.bindir).items():
         print(f"# ---- {name}")
         print(text)
+    print("# ---- sysusers.d/vhost-supervisor.conf")
+    print(units.sysusers_entry())
     return 0
 
 

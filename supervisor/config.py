@@ -135,7 +135,12 @@ def default_policy_dir() -> Path:
 
 
 def default_control_socket() -> str:
-    """``/run/vhost-supervisor/control.sock`` for root, else under ``$XDG_RUNTIME_DIR``."""
+    """``control.sock`` in systemd's ``$RUNTIME_DIRECTORY`` (the shipped unit runs
+    as a service user: /run/vhost-supervisor), in /run/vhost-supervisor for root
+    (the operator's shell), else under ``$XDG_RUNTIME_DIR``."""
+    runtime_directory = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    if runtime_directory:
+        return os.path.join(runtime_directory, "control.sock")
     if os.geteuid() == 0:
         return "/run/vhost-supervisor/control.sock"
     runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/vhost-supervisor-{os.getuid()}"

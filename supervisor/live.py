@@ -85,7 +85,8 @@ def _connected(sup: "Supervisor", slot: DeviceSlot) -> bool:
 def assign_id(sup: "Supervisor", slot: DeviceSlot) -> None:
     """A host uid/gid for a device added at run time: ``jail-user``, or the next
     id of ``uid-range`` no device has (nor had, in this supervisor's life)."""
-    if sup.cfg.disable_sandbox or os.geteuid() != 0:
+    from sandbox.privileges import can_map_ids
+    if sup.cfg.disable_sandbox or not can_map_ids():
         return
     if slot.spec.jail_user is not None:
         slot.uid, slot.gid = slot.spec.jail_user

@@ -5,23 +5,25 @@ kernel, at a cost that follows our own sockets, never the host's:
 
 * queued: the parent's own listening socket polls readable while a
   connection waits in its accept queue;
-* accepted: among the sockets in the device child's fd table (a handful),
-  one that carries our path (an accepted socket is named after its
-  listener) and whose peer has not hung up.  The parent looks at each
-  through ``pidfd_getfd(2)``: a duplicate of the child's descriptor, read
-  with ``getsockname`` and ``poll``, then closed.
+* accepted: the device child hands the parent a duplicate of each
+  connection it accepts (``child.show_frontend``, on the heartbeat
+  channel).  The parent keeps it only if it is a connected Unix stream
+  socket named with the device's path (an accepted socket is named after
+  its listener) other than the listener itself, and counts it while its
+  peer has not hung up.
 
-No cooperation from the (jailed, possibly hostile) child is needed: it
-cannot fake its fd table.  Neither /proc/net/unix nor sock_diag is used:
-both cost one step per Unix socket in the network namespace (an exact
-UNIX_DIAG request by inode still walks the kernel's socket table: 1-7 ms
-per request with 50,000 sockets, tens of µs with none; benchmarks/README.md).
+The parent does not read the child's fd table (``/proc/PID/fd``,
+``pidfd_getfd``): a jailed device is not dumpable, so that takes
+CAP_SYS_PTRACE, which the systemd unit does not grant.  A hostile child can
+therefore hide its front-end (its own status then reads "no") but not
+invent one.  Neither /proc/net/unix nor sock_diag is used: both cost one
+step per Unix socket in the network namespace (an exact UNIX_DIAG request
+by inode still walks the kernel's socket table: 1-7 ms per request with
+50,000 sockets, tens of µs with none; benchmarks/README.md).
 """
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 import select
 import socket
@@ -30,9 +32,9 @@ from typing import Any
 
 import psutil
 
-SYS_pidfd_getfd = 438          # x86_64 and aarch64 (the generic syscall table) alike
-_libc = ctypes.CDLL(None, use_errno=True)
 _HANGUP = select.POLLHUP | select.POLLRDHUP | select.POLLERR | select.POLLNVAL
+#: Connections of one child the parent keeps watching; a device serves one.
+MAX_FRONTEND_FDS = 2
 
 
 @dataclass
@@ -52,76 +54,44 @@ class FrontendState:
         return "no"
 
 
-def pidfd_getfd(pidfd: int, fd: int) -> int:
-    """A duplicate (close-on-exec) of descriptor ``fd`` of the process behind ``pidfd``."""
-    r = _libc.syscall(SYS_pidfd_getfd, pidfd, fd, 0)
-    if r < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"pidfd_getfd({fd}): {os.strerror(err)}")
-    return int(r)
-
-
-def _readable(fd: int) -> int:
+def _events(fd: int) -> int:
     p = select.poll()
     p.register(fd, select.POLLIN | select.POLLRDHUP)
     events = p.poll(0)
     return events[0][1] if events else 0
 
 
-def _socket_fds(pid: int) -> list[tuple[int, int]]:
-    """(fd, inode) of the sockets in ``pid``'s fd table (cost: that process's fds only)."""
-    out = []
-    base = f"/proc/{pid}/fd"
+def is_accepted_connection(fd: int, path: str, listener_inode: int | None) -> bool:
+    """True if ``fd`` is a live connection accepted on the listener bound at ``path``."""
     try:
-        names = os.listdir(base)
+        st = os.fstat(fd)
+        s = socket.socket(fileno=fd)
     except OSError:
-        return out
-    for fd in names:
-        try:
-            link = os.readlink(f"{base}/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            out.append((int(fd), int(link[8:-1])))
-    return out
+        return False
+    try:
+        return (s.family == socket.AF_UNIX and s.type == socket.SOCK_STREAM and st.st_ino != listener_inode
+                and s.getsockname() == os.fspath(path) and not _events(fd) & _HANGUP)
+    except OSError:
+        return False
+    finally:
+        s.detach()
 
 
-def accepted_connections(pid: int, pidfd: int, path: str, listener_inode: int | None) -> int:
-    """Sockets of the process (``pid``, ``pidfd``) named ``path`` whose peer is still there."""
-    n = 0
-    want = os.fspath(path)
-    for fd, inode in _socket_fds(pid):
-        if inode == listener_inode:
-            continue
-        try:
-            dup = pidfd_getfd(pidfd, fd)
-        except OSError as e:
-            if e.errno in (errno.ESRCH, errno.EBADF):
-                continue        # gone, or closed since the listing
-            raise
-        try:
-            s = socket.socket(fileno=dup)
-        except OSError:
-            os.close(dup)
-            continue
-        try:
-            if s.family == socket.AF_UNIX and s.getsockname() == want and not _readable(dup) & _HANGUP:
-                n += 1
-        except OSError:
-            pass
-        finally:
-            s.close()
-    return n
+def live_connections(fds: list[int]) -> int:
+    """Close and drop (in place) the connections whose peer hung up; how many are left."""
+    for fd in list(fds):
+        if _events(fd) & _HANGUP:
+            fds.remove(fd)
+            os.close(fd)
+    return len(fds)
 
 
-def frontend_state(path: str, listener_fd: int, listener_inode: int | None,
-                   pid: int | None = None, pidfd: int | None = None) -> FrontendState:
-    """Queued (our listener) and accepted (the child's sockets) front-ends of one device socket."""
+def frontend_state(listener_fd: int, frontend_fds: list[int]) -> FrontendState:
+    """Queued (our listener) and accepted (shown by the child) front-ends of one device socket."""
     st = FrontendState()
-    if listener_fd >= 0 and _readable(listener_fd) & select.POLLIN:
+    if listener_fd >= 0 and _events(listener_fd) & select.POLLIN:
         st.queued = 1
-    if pid and pidfd is not None and pidfd >= 0:
-        st.accepted = accepted_connections(pid, pidfd, path, listener_inode)
+    st.accepted = live_connections(frontend_fds)
     return st
 
 

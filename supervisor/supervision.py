@@ -19,6 +19,7 @@ import importlib
 import logging
 import os
 import signal
+import socket
 import time
 from typing import Any
 
@@ -27,10 +28,10 @@ import psutil
 import devices
 
 from . import logs
-from .child import READY_BYTE, ChildProcess, enable_fork_signal_reset, spawn_child
+from .child import FRONTEND_BYTE, READY_BYTE, ChildProcess, enable_fork_signal_reset, spawn_child
 from .config import DEFAULT_UID_RANGE, ConfigError, SupervisorConfig
 from .control import ControlError, ControlServer, bind_control_socket, socket_in_use
-from .metrics import FrontendState, frontend_state, process_metrics
+from .metrics import MAX_FRONTEND_FDS, FrontendState, frontend_state, is_accepted_connection, process_metrics
 from .cgroups import CgroupBudgets
 from .notify import Notifier
 from .slot import CLEAN_BURST, CLEAN_RATE, CLEAN_SUMMARY_EVERY, DeviceSlot, ExitInfo, ExitKind, Request, State, \
@@ -177,10 +178,11 @@ class Supervisor:
         if self.cfg.disable_sandbox:
             return
         from sandbox.idrange import IdRange, IdRangeError, allocate, check_unused, claim_block
-        if os.geteuid() != 0:
-            # An unprivileged supervisor can map only its own id into the jail.
+        from sandbox.privileges import can_map_ids
+        if not can_map_ids():
+            # Without CAP_SETUID/CAP_SETGID a supervisor can map only its own id into the jail.
             logs.event(None, "identity", logging.WARNING, uid=os.geteuid(),
-                       note="not root: every device runs as the supervisor's own uid")
+                       note="no CAP_SETUID/CAP_SETGID: every device runs as the supervisor's own uid")
             return
         fixed = {n: s.spec.jail_user for n, s in self.slots.items() if s.spec.jail_user is not None}
         try:
@@ -267,7 +269,8 @@ class Supervisor:
         if mounts:
             import sandbox
             mounts = [m if isinstance(m, sandbox.BindMount) else sandbox.BindMount(*m) for m in mounts]
-        if slot.uid is None and os.geteuid() == 0:
+        from sandbox.privileges import can_map_ids
+        if slot.uid is None and can_map_ids():
             # Never a root device by omission: ids come from assign_ids().
             raise RuntimeError(f"device {slot.name}: no jail uid assigned (assign_ids() not called)")
         uid, gid = (slot.uid, slot.gid) if slot.uid is not None else (os.geteuid(), os.getegid())
@@ -335,17 +338,34 @@ class Supervisor:
     def _on_heartbeat(self, slot: DeviceSlot, child: ChildProcess) -> None:
         """The child echoed a ping from its event loop."""
         assert self.loop is not None
+        ch = socket.socket(fileno=child.heartbeat_fd)
         try:
-            data = os.read(child.heartbeat_fd, 64)
+            data, fds, _flags, _addr = socket.recv_fds(ch, 64, 1, socket.MSG_CMSG_CLOEXEC)
         except BlockingIOError:
             return
         except OSError:
-            data = b""
+            data, fds = b"", []
+        finally:
+            ch.detach()
+        if data == FRONTEND_BYTE and fds:
+            self._take_frontend(slot, child, fds[0])
+            return
+        for fd in fds:      # fds with anything else: not asked for
+            os.close(fd)
         if not data:
             self.loop.remove_reader(child.heartbeat_fd)   # the child is going; the pidfd says the rest
             return
         if slot.child is child:
             slot.heartbeat(time.monotonic())
+
+    def _take_frontend(self, slot: DeviceSlot, child: ChildProcess, fd: int) -> None:
+        """Keep the connection the child says it accepted if it is one (metrics.py)."""
+        if (slot.child is not child or slot.listener is None or len(child.frontend_fds) >= MAX_FRONTEND_FDS
+                or not is_accepted_connection(fd, slot.spec.socket, slot.listener_inode)):
+            os.close(fd)
+            return
+        child.frontend_fds.append(fd)
+        self.refresh_frontends()
 
     def _on_violation(self, slot: DeviceSlot, child: ChildProcess) -> None:
         """The seccomp listener is readable: the device is blocked in a forbidden
@@ -396,7 +416,7 @@ class Supervisor:
             logs.event(slot.name, "log-dropped", logging.WARNING, pid=child.device_pid, lines=due[0],
                        bytes=due[1], msg=f"device={slot.name} dropped {due[0]} log lines")
         if hint and not final:
-            # The child says it accepted; its fd table (metrics.frontend_state) is what we believe.
+            # The child says it accepted; the connection it shows us (_take_frontend) is what we believe.
             self.refresh_frontends()
         if eof:
             if buf and budget.admit(bytes(buf)):
@@ -661,8 +681,7 @@ class Supervisor:
             live = s.child is not None and s.state in (State.READY, State.SERVING)
             pid = s.child.device_pid if live else None
             try:
-                st = frontend_state(s.spec.socket, s.listener.fileno(), s.listener_inode, pid,
-                                    s.child.device_pidfd if live else None)
+                st = frontend_state(s.listener.fileno(), s.child.frontend_fds if live else [])
             except OSError as e:
                 logs.event(s.name, "frontend-query-failed", logging.WARNING, error=str(e))
                 continue

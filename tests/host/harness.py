@@ -1,6 +1,7 @@
 """``make host-test``: the package under a real systemd, in a booted Debian 12 guest.
 
-Build (cached under .cache/host, rebuilt only when an input changes):
+Build (cached under /var/cache/vhost-supervisor/host-test, or $HOST_TEST_CACHE;
+rebuilt only when an input changes):
   1. base: debootstrap of Debian 12 with systemd, python3 and the cloud
      kernel (``build_base.sh``, keyed on that script);
   2. image: the base plus a venv at /opt/vhost-supervisor holding this
@@ -30,7 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-CACHE = Path(os.environ.get("HOST_TEST_CACHE", REPO / ".cache" / "host"))
+# Outside the checkout, like the conformance build: a fresh clone (CI) reuses it.
+CACHE = Path(os.environ.get("HOST_TEST_CACHE", "/var/cache/vhost-supervisor/host-test"))
 SOURCES = ("pyproject.toml", "README.md", "vhost_supervisor.py", "connection", "devices", "sandbox", "seccomp",
            "supervisor")
 IMAGE_SIZE = "3G"

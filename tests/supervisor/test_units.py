@@ -16,7 +16,7 @@ import socket
 
 from supervisor import logs
 from supervisor.child import classify
-from supervisor.metrics import frontend_state
+from supervisor.metrics import frontend_state, is_accepted_connection
 from supervisor.notify import Notifier
 from supervisor.slot import ExitInfo, ExitKind, RestartTracker, should_restart
 from supervisor.status import format_table, human_bytes, human_duration
@@ -178,8 +178,8 @@ def test_status_table() -> None:
 
 
 def test_frontend_state_sees_queued_and_accepted() -> None:
-    """The listener's accept queue, and an accepted socket (held here, read
-    through pidfd_getfd like a child's) that carries the listener's path."""
+    """The listener's accept queue, and an accepted connection shown to the
+    parent (as a child's show_frontend does) until its peer hangs up."""
     path = "/tmp/vs-conn-test.sock"
     if os.path.exists(path):
         os.unlink(path)
@@ -187,25 +187,61 @@ def test_frontend_state_sees_queued_and_accepted() -> None:
     srv.bind(path)
     srv.listen()
     lfd, lino = srv.fileno(), os.fstat(srv.fileno()).st_ino
-    me = os.getpid()
-    pidfd = os.pidfd_open(me)
+    shown: list[int] = []
     try:
-        assert not frontend_state(path, lfd, lino, me, pidfd).connected
+        assert not frontend_state(lfd, shown).connected
         c = socket.socket(socket.AF_UNIX)
         c.connect(path)
-        st = frontend_state(path, lfd, lino, me, pidfd)
+        st = frontend_state(lfd, shown)
         assert st.queued == 1 and st.accepted == 0 and st.describe() == "queued"
         a, _ = srv.accept()
-        st = frontend_state(path, lfd, lino, me, pidfd)
-        # the client end is ours too, but it is not named after the path
+        dup = os.dup(a.fileno())
+        assert is_accepted_connection(dup, path, lino)
+        shown.append(dup)
+        st = frontend_state(lfd, shown)
         assert st.accepted == 1 and st.queued == 0 and st.describe() == "yes"
         c.close()
-        assert not frontend_state(path, lfd, lino, me, pidfd).connected   # the peer hung up
+        assert not frontend_state(lfd, shown).connected   # the peer hung up
+        assert shown == []                                 # ... and the duplicate was closed
         a.close()
     finally:
-        os.close(pidfd)
         srv.close()
         os.unlink(path)
+
+
+def test_only_an_accepted_connection_of_the_listener_counts() -> None:
+    """What a hostile child could show instead: the listener itself, the client
+    end, a socketpair, a socket of another path, a pipe, a hung-up connection."""
+    path, other = "/tmp/vs-conn-test2.sock", "/tmp/vs-conn-test3.sock"
+    for p in (path, other):
+        if os.path.exists(p):
+            os.unlink(p)
+    srv, srv2 = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen()
+    srv2.bind(other)
+    srv2.listen()
+    lino = os.fstat(srv.fileno()).st_ino
+    c, c2 = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    c.connect(path)
+    c2.connect(other)
+    a, _ = srv.accept()
+    a2, _ = srv2.accept()
+    sp1, sp2 = socket.socketpair()
+    r, w = os.pipe()
+    try:
+        assert is_accepted_connection(a.fileno(), path, lino)
+        for fd in (srv.fileno(), c.fileno(), a2.fileno(), sp1.fileno(), r):
+            assert not is_accepted_connection(fd, path, lino), fd
+        c.close()
+        assert not is_accepted_connection(a.fileno(), path, lino)      # peer gone
+    finally:
+        for s_ in (srv, srv2, c2, a, a2, sp1, sp2):
+            s_.close()
+        os.close(r)
+        os.close(w)
+        for p in (path, other):
+            os.unlink(p)
 
 
 def test_log_budget_drops_a_flood_and_counts_it() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import select
 import signal
@@ -25,6 +26,7 @@ from frontend.vhost_user import VhostUserFrontend
 from frontend.virtio_blk import BlockDriver
 
 UNIT = "vhost-supervisor.service"
+SERVICE_USER = "vhost-supervisor"
 RUN = "/run/vhost-supervisor"
 STATE = "/var/lib/vhost-supervisor"
 DEVICES = ("blk0", "blk1")
@@ -208,6 +210,10 @@ def setup() -> None:
     for name in DEVICES:
         with open(f"{STATE}/{name}.img", "wb") as f:
             f.truncate(IMAGE_SIZE)
+    # The operator's steps for the unit's service user (docs/operations.md):
+    # systemd-sysusers made it at boot from the installed sysusers.d entry; the
+    # images are its to read and write.
+    sh(f"chown -R {SERVICE_USER}:{SERVICE_USER} {STATE}")
     with open("/etc/vhost-supervisor/config.toml", "w") as f:
         f.write('[supervisor]\nlog-format = "text"\n\n')
         f.write(f'[[device]]\ntype = "block"\nname = "blk0"\nvhost = "{RUN}/blk0.sock"\n'
@@ -257,14 +263,26 @@ def check1() -> str:
     active_us = int(st["ActiveEnterTimestampMonotonic"])
     detail(f"journal (reception times, for information): supervisor 'ready' at {ready_us} us, systemd 'Started' "
            f"at {started_us} us; ExecMainStart {st['ExecMainStartTimestampMonotonic']} us, ActiveEnter {active_us} us")
+    main_pid = int(st["MainPID"])
+    proc_status = dict(ln.split(":\t", 1) for ln in open(f"/proc/{main_pid}/status").read().splitlines()
+                       if ":\t" in ln)
+    sup_uid = int(proc_status["Uid"].split()[1])
+    service_uid = pwd.getpwnam(SERVICE_USER).pw_uid
+    dev_uids = {n: int(open(f"/proc/{d['pid']}/status").read().split("Uid:\t")[1].split()[1])
+                for n, d in devs.items() if d.get("pid")}
+    identity_ok = (sup_uid == service_uid and int(proc_status["CapEff"], 16) == 0xc0
+                   and len(set(dev_uids.values())) == len(devs) and service_uid not in dev_uids.values())
+    detail(f"supervisor uid {sup_uid} ({SERVICE_USER}={service_uid}), CapEff {proc_status['CapEff']} "
+           f"(CAP_SETUID|CAP_SETGID = 00000000000000c0), CapBnd {proc_status['CapBnd']}; device uids {dev_uids}")
     bad = [ln for ln in score_out.splitlines() if ln.startswith("✗")]
     detail(f"systemd-analyze security: exposure {score} {m.group(2) if m else '?'} "
            f"(goal <= 2.0: {'met' if score is not None and score <= 2.0 else 'NOT met'}); "
            f"{len(bad)} items open: " + "; ".join(re.split(r"\s{2,}", b)[0].lstrip("✗ ") for b in bad))
     ok = (states[0].startswith("activating") and st["ActiveState"] == "active" and ordered
-          and all(d["state"] == "ready" for d in devs.values()) and ready_us is not None)
+          and all(d["state"] == "ready" for d in devs.values()) and ready_us is not None
+          and identity_ok and score is not None and score <= 2.0)
     return ("PASS" if ok else "FAIL") + f": activating -> active after READY=1 ({took:.1f}s), " \
-        f"exposure score {score}"
+        f"exposure score {score} (goal <= 2.0), supervisor runs as {SERVICE_USER} with CAP_SETUID|CAP_SETGID only"
 
 
 def check2() -> str:
