@@ -52,6 +52,7 @@ def test_wheel_carries_policies_and_units(installed: tuple[Path, Path]) -> None:
     assert policies and {f"sandbox/policies/{p}" for p in policies} <= names
     assert "vhost_supervisor.py" in names
     assert any(n.startswith("supervisor/units/") and n.endswith(".service") for n in names)
+    assert "supervisor/units/vhost-supervisor.sysusers" in names    # the unit's User= comes from it
 
 
 def test_installed_version_and_jailed_demo_from_elsewhere(installed: tuple[Path, Path], tmp_path: Path) -> None:
