@@ -9,14 +9,18 @@ back-ends alternate cell by cell in one run, so each ratio compares two
 cells measured back to back on the same (shared, noisy) machine.
 
     python -m benchmarks.block_matrix [--clients blkio,ours] [--rounds 3]
-        [--seconds 2] [--rows "randread 4K QD1,..."] [--json FILE]
+        [--seconds 2] [--rows "randread 4K QD1,..."] [--peers qsd,contrib] [--json FILE]
 
 Back-ends, each started fresh for every cell (and ended after it):
 * ours: ``python -m devices.standalone block --socket-path S --file IMG
   --num-queues N`` (the standalone back-end program, no jail);
-* qsd: ``qemu-storage-daemon`` with an iothread (``frontend.qsd``).
+* qsd: ``qemu-storage-daemon`` with an iothread (``frontend.qsd``);
+* contrib (``--peers qsd,contrib``): QEMU's own example back-end,
+  ``contrib/vhost-user-blk`` on libvhost-user, a third peer built from
+  Debian's QEMU source package alone (``conformance/build_qemu.sh`` builds
+  and caches it beside the qtest binaries).
 
-Both are pinned to CPU 1 and the client to CPU 0 (``--pin none`` leaves them
+All are pinned to CPU 1 and the client to CPU 0 (``--pin none`` leaves them
 free).  Per cell: IOPS, MB/s, median completion latency (client side), and
 the back-end's CPU seconds per 100k I/Os: user+system time of the back-end's
 process tree (``/proc/PID/stat`` of the process and its descendants) over
@@ -132,9 +136,12 @@ class Backend:
                  extra: list[str] = ()) -> None:
         if sock.exists():
             sock.unlink()
+        self.kind = kind
         if kind == "ours":
             cmd = [sys.executable, "-m", "devices.standalone", "block", "--socket-path", str(sock),
                    "--file", str(image), "--num-queues", str(jobs), *extra]
+        elif kind == "contrib":
+            cmd = [contrib_backend(), "--socket-path", str(sock), "--blk-file", str(image)]
         else:
             binary = shutil.which("qemu-storage-daemon")
             if binary is None:
@@ -169,6 +176,16 @@ class Backend:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+def contrib_backend() -> str:
+    """QEMU's contrib/vhost-user-blk for the installed QEMU (built and cached once)."""
+    out = subprocess.run(["sh", str(ROOT / "conformance" / "build_qemu.sh")], check=True, capture_output=True,
+                         text=True)
+    binary = Path(out.stdout.strip().splitlines()[-1]) / "contrib" / "vhost-user-blk" / "vhost-user-blk"
+    if not os.access(binary, os.X_OK):
+        raise RuntimeError(f"{binary} was not built (conformance/build_qemu.sh)")
+    return str(binary)
 
 
 # ------------------------------------------------------------------ clients
@@ -220,6 +237,10 @@ def run_ours(be: Backend, row: Row, seconds: float, pin: bool) -> Cell:
     try:
         fe.negotiate()
         fe.setup_memory(max(64 << 20, row.jobs * row.qd * row.bs * 2))
+        if be.kind == "contrib":
+            # libvhost-user stops a queue that has INFLIGHT_SHMFD negotiated but no
+            # inflight region (QEMU always sends one); our device and qsd do not need it
+            fe.get_inflight(row.jobs, 256)
         queues = [fe.setup_queue(i, 256) for i in range(row.jobs)]
         drivers = [BlockDriver(q, depth=row.qd, max_io=row.bs) for q in queues]
         size = int.from_bytes(fe.get_config(0, 8), "little") * 512
@@ -343,6 +364,28 @@ def ratio_cols(ours: list[Cell], qsd: list[Cell]) -> tuple[float, float, float]:
             statistics.median(o.cpu_per_100k / q.cpu_per_100k for o, q in pairs if q.cpu_per_100k))
 
 
+def peer_table(results: dict, clients: list[str], rows: list[Row], peer: str) -> str:
+    """The third peer beside qsd and ours: its throughput and CPU per I/O as
+    ratios to qsd, and ours to it."""
+    out = []
+    for client in clients:
+        out.append(f"\n**client: {client}, third peer: {peer}**\n")
+        out.append(f"| row | {peer} | throughput {peer}/qsd | CPU/IO {peer}/qsd | throughput ours/{peer} "
+                   f"| CPU/IO ours/{peer} |")
+        out.append("|---|---:|---:|---:|---:|---:|")
+        for row in rows:
+            o, q, c = (results.get((client, row.label, k), []) for k in ("ours", "qsd", peer))
+            if not (o and q and c):
+                continue
+            big = row.bs >= 128 << 10
+            val = f"{statistics.median(x.mbps for x in c):,.0f} MB/s" if big else \
+                f"{statistics.median(x.iops for x in c):,.0f} IOPS"
+            ct, _, cc = ratio_cols(c, q)
+            ot, _, oc = ratio_cols(o, c)
+            out.append(f"| {row.label} | {val} | {ct:.2f} | {cc:.2f} | **{ot:.2f}** | {oc:.2f} |")
+    return "\n".join(out)
+
+
 def table(results: dict, clients: list[str], rows: list[Row]) -> str:
     out = []
     for client in clients:
@@ -375,8 +418,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", help="comma-separated label prefixes, e.g. 'randread 4K QD16,read 128K'")
     p.add_argument("--pin", choices=("split", "none"), default="split")
     p.add_argument("--ours-flags", default="", help="extra flags for our back-end, e.g. '--poll-us 0'")
+    p.add_argument("--peers", default="qsd", help="back-ends beside ours: qsd (always), contrib (QEMU's "
+                   "contrib/vhost-user-blk)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
+    peers = [x.strip() for x in args.peers.split(",") if x.strip() and x.strip() != "qsd"]
+    if any(x != "contrib" for x in peers):
+        p.error(f"--peers: unknown back-end in {args.peers!r} (qsd, contrib)")
+    kinds = ["ours", "qsd", *peers]
     rows = ROWS
     if args.rows:
         wanted = [x.strip() for x in args.rows.split(",")]
@@ -394,13 +443,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"# {args.rounds} rounds x {args.seconds}s per cell, image {args.size_mib} MiB (page cache), "
               f"{'client CPU 0, back-end CPU 1' if pin else 'no pinning'}; our flags: {args.ours_flags or '-'}")
         fill_image(work / "base.img", args.size_mib << 20)
-        for kind in ("ours", "qsd"):
+        for kind in kinds:
             copy_image(work / "base.img", work / f"{kind}.img")
         (work / "base.img").unlink()
         for r in range(args.rounds):
             for client in clients:
                 for row in rows:
-                    order = ("ours", "qsd") if (r + rows.index(row)) % 2 == 0 else ("qsd", "ours")
+                    shift = (r + rows.index(row)) % len(kinds)
+                    order = kinds[shift:] + kinds[:shift]     # who goes first rotates
                     for kind in order:
                         be = Backend(kind, work / f"{kind}.img", work / f"{kind}.sock", row.jobs,
                                      work / f"{kind}.log", pin, args.ours_flags.split())
@@ -416,12 +466,12 @@ def main(argv: list[str] | None = None) -> int:
                         finally:
                             be.stop()
                         results.setdefault((client, row.label, kind), []).append(cell)
-                        print(f"  round {r + 1} {client:<5} {row.label:<22} {kind:<4} {cell.iops:>9,.0f} IOPS "
+                        print(f"  round {r + 1} {client:<5} {row.label:<22} {kind:<7} {cell.iops:>9,.0f} IOPS "
                               f"{cell.mbps:>8.1f} MB/s p50 {cell.lat_p50_us:7.1f} µs "
                               f"CPU {cell.cpu_per_100k:6.2f} s/100k client {cell.client_cpu_s / max(cell.ios, 1) * 1e5:6.2f} runq-wait {cell.runq_wait_s / cell.seconds * 100:3.0f}%  load {os.getloadavg()[0]:.1f}",
                               file=sys.stderr, flush=True)
         if not ok:
-            for kind in ("ours", "qsd"):
+            for kind in kinds:
                 log = work / f"{kind}.log"
                 if log.exists():
                     print(f"--- {kind} log tail ---\n" + "\n".join(log.read_text(errors='replace').splitlines()[-10:]),
@@ -429,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         if "ours" in clients:
             print(f"# our back-end idle after QD1 I/O, connected: {idle_cpu(work, pin) * 100:.2f}% of a CPU")
     print(table(results, clients, rows))
+    for peer in peers:
+        print(peer_table(results, clients, rows, peer))
     print(f"\n# load average at the end {os.getloadavg()[0]:.1f}")
     if args.json:
         args.json.write_text(json.dumps({f"{k[0]}|{k[1]}|{k[2]}": [vars(c) for c in v]
