@@ -23,11 +23,13 @@ class IdMap:
 def plan_ids(config: JailConfig) -> IdMap:
     """A parent that holds CAP_SETUID/CAP_SETGID (root, or the systemd unit's
     service user): the configured host ids; an ordinary user: only itself.
+    Root without those capabilities gets the configured ids too, so writing
+    the map fails and the jail is refused rather than a device run as uid 0.
 
     Inside ids equal host ids so logs and /proc read the same on both sides.
     """
 
-    if can_map_ids():
+    if can_map_ids() or os.geteuid() == 0:
         return IdMap(config.uid, config.uid, config.gid, config.gid)
     return IdMap(os.geteuid(), os.geteuid(), os.getegid(), os.getegid())
 

@@ -180,6 +180,11 @@ class Supervisor:
         from sandbox.idrange import IdRange, IdRangeError, allocate, check_unused, claim_block
         from sandbox.privileges import can_map_ids
         if not can_map_ids():
+            if os.geteuid() == 0:
+                # its own id would be root: never run a device as root by omission
+                raise ConfigError("running as root without CAP_SETUID/CAP_SETGID: devices cannot get ids of "
+                                  "their own and will not run as root; grant both capabilities, or run as "
+                                  "another user", "uid-range")
             # Without CAP_SETUID/CAP_SETGID a supervisor can map only its own id into the jail.
             logs.event(None, "identity", logging.WARNING, uid=os.geteuid(),
                        note="no CAP_SETUID/CAP_SETGID: every device runs as the supervisor's own uid")
@@ -270,7 +275,7 @@ class Supervisor:
             import sandbox
             mounts = [m if isinstance(m, sandbox.BindMount) else sandbox.BindMount(*m) for m in mounts]
         from sandbox.privileges import can_map_ids
-        if slot.uid is None and can_map_ids():
+        if slot.uid is None and (can_map_ids() or os.geteuid() == 0):
             # Never a root device by omission: ids come from assign_ids().
             raise RuntimeError(f"device {slot.name}: no jail uid assigned (assign_ids() not called)")
         uid, gid = (slot.uid, slot.gid) if slot.uid is not None else (os.geteuid(), os.getegid())

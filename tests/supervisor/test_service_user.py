@@ -105,3 +105,19 @@ def test_capable_service_user_jails_each_device_under_its_own_uid(service_user_s
     sup.wait_state("rng-0", ("ready",), pred=lambda d: d["frontend"] == "no")
     assert len(drive_rng(rng)) == 64
     assert sup.terminate() == 0
+
+
+def test_root_without_id_capabilities_refuses_rather_than_run_devices_as_root(tmp_path) -> None:  # noqa: ANN001
+    """uid 0 that lost CAP_SETUID/CAP_SETGID (a unit with a narrower bounding
+    set) could map only itself, i.e. root, into a jail: a config error instead."""
+    import subprocess
+    import sys
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "setpriv (util-linux) is needed to drop the capabilities"
+    proc = subprocess.run([setpriv, "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all",
+                           sys.executable, "-m", "supervisor.cli", "run", "-s", str(tmp_path / "c.sock"),
+                           "--rng", f"vhost={tmp_path / 'r.sock'}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert "without CAP_SETUID/CAP_SETGID" in proc.stderr and "will not run as root" in proc.stderr, proc.stderr
+    assert not (tmp_path / "r.sock").exists()
