@@ -15,7 +15,17 @@ its number here.  What it does own is everything about *waiting*:
 * adaptive polling of ``avail.idx`` before sleeping (QEMU's poll-max-ns
   idea): the window grows (doubling, to at most ``poll_max_ns``) while the
   idle gaps (poll plus sleep, as QEMU's ``block_ns``) stay within
-  ``POLL_BUSY_GAP_FACTOR`` times the bound, and drops to 0 after a longer gap.
+  ``POLL_BUSY_GAP_FACTOR`` times the bound, and drops to 0 after a longer gap;
+* a CPU budget on that polling: the time spun is charged to the requests
+  served after it, and when the running average exceeds
+  ``POLL_SPIN_BUDGET_NS`` per request (the CPU a wake-up costs, which is
+  what a successful poll saves), polling stops for ``POLL_BACKOFF_MIN``
+  sleeps, doubling up to ``POLL_BACKOFF_MAX`` while it keeps failing.  A
+  driver whose next request comes later than a wake-up's worth of spinning
+  (a TCG guest; any guest on an oversubscribed host, where the spin takes
+  the CPU its next request needs) is then served by kicks, like
+  qemu-storage-daemon; a fast driver keeps the window (benchmarks/README.md,
+  "QD1 in a TCG guest").
 """
 
 from __future__ import annotations
@@ -41,12 +51,28 @@ POLL_START_NS = 4_000
 #: once the device polls and needs no kick) would otherwise never get into
 #: the polling regime: see benchmarks/README.md, guest fio.
 POLL_BUSY_GAP_FACTOR = 4
+#: Spinning the poll may cost, on average per request served, at most this
+#: much CPU: about what a sleep and a kick cost the device (driver-side QD1,
+#: benchmarks/README.md: ~41 us of device CPU per request when it sleeps
+#: every time, ~15 us of it the request itself).  Above it, polling spends
+#: more CPU than the wake-ups it saves.
+POLL_SPIN_BUDGET_NS = 20_000
+#: Sleeps without polling after the budget was exceeded: the first back-off,
+#: doubled at each new excess up to the last (a probe every ~1000 requests
+#: costs a few windows, < 1 us per request).
+POLL_BACKOFF_MIN = 16
+POLL_BACKOFF_MAX = 1024
+#: Polls in a row within the budget after which the back-off starts from
+#: ``POLL_BACKOFF_MIN`` again.
+POLL_BACKOFF_RESET = 256
 #: Without a kick fd (NOFD flag) the ring is polled at this period.
 NOFD_POLL_PERIOD = 0.001
 #: Reads of the kick fd per wake-up.  A counter-mode eventfd needs one (two
 #: when the count was 1: the second one finds it empty); a legitimate
 #: front-end cannot kick between our reads this many times in a row.
 KICK_READS_PER_WAKE = 64
+#: Wake-ups whose single read returned 1 between two full drains (a power of two).
+KICK_CHECK_EVERY = 8
 
 _ONE = (1).to_bytes(8, "little")
 _perf_ns = time.perf_counter_ns
@@ -60,7 +86,8 @@ class KickWaiter:
     then already removed, so a broken fd cannot spin the loop)."""
 
     __slots__ = ("loop", "fd", "poll_ns", "poll_max_ns", "kicked", "_waiter", "_reader_fd", "_idle_t0",
-                 "_on_kick", "_on_error")
+                 "_on_kick", "_on_error", "spin_avg_ns", "_spun", "_poll_last", "_backoff", "_off",
+                 "_within", "_ones")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int | None,
                  on_kick: Callable[[], None], on_error: Callable[[str], None]) -> None:
@@ -75,6 +102,14 @@ class KickWaiter:
         self._reader_fd: int | None = None
         #: Start of the current idle gap (perf_counter_ns, before the poll).
         self._idle_t0 = 0
+        #: Running average (1/8 weight) of the ns spun per request served.
+        self.spin_avg_ns = 0
+        self._spun = 0           # ns spun by the last poll, not yet charged
+        self._poll_last: int | None = None   # avail index at the last poll
+        self._backoff = 0        # sleeps left without polling
+        self._off = 0            # length of the last back-off
+        self._within = 0         # polls in a row within the budget
+        self._ones = 0           # reads of exactly 1 since the last full drain (modulo KICK_CHECK_EVERY)
         self._on_kick = on_kick
         self._on_error = on_error
 
@@ -104,13 +139,33 @@ class KickWaiter:
         self.wake(kicked=True)
 
     def drain(self) -> str | None:
-        """Read the kick fd until it is empty, at most ``KICK_READS_PER_WAKE``
-        times; None when drained, else why it could not be."""
+        """Empty the kick fd; None when drained, else why it could not be.
+
+        A counter-mode eventfd (what every front-end sends) is empty after
+        one read, so one read is all a wake-up costs.  A read of exactly 1
+        is also what a semaphore-mode eventfd always returns, so one such
+        wake-up in ``KICK_CHECK_EVERY`` reads on until the fd is empty, at
+        most ``KICK_READS_PER_WAKE`` times: a fd that is still readable then
+        is reported (at most that many wake-ups of spinning first).  The
+        read that finds the fd empty raises an OSError, whose construction
+        (strerror decoded to text) costs about as much as the read; doing
+        it on every wake-up was ~3 % of a queue-depth-1 request."""
         fd = self.fd
         if fd is None:
             return None
         read = os.read
-        for _ in range(KICK_READS_PER_WAKE):
+        try:
+            data = read(fd, 8)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            return f"reading kick fd {fd}: {exc}"
+        if data != _ONE:
+            return None if data else f"kick fd {fd}: end of file"
+        self._ones = n = (self._ones + 1) & (KICK_CHECK_EVERY - 1)
+        if n:
+            return None
+        for _ in range(KICK_READS_PER_WAKE - 1):
             try:
                 data = read(fd, 8)
             except BlockingIOError:
@@ -166,14 +221,42 @@ class KickWaiter:
 
     def poll(self, avail: memoryview, last: int) -> bool:
         """Spin on ``avail[1]`` (avail.idx) for up to ``poll_ns``; True if it
-        moved from ``last``.  Starts the idle-gap clock either way."""
+        moved from ``last`` (the next avail index to serve).  Starts the
+        idle-gap clock either way.
+
+        First the previous poll's spin is charged to the requests served
+        since (``last`` minus the index then; at least one); an average
+        over the budget turns polling off for a back-off (see the module
+        docstring)."""
         t0 = self._idle_t0 = _perf_ns()
+        prev = self._poll_last
+        self._poll_last = last
+        if self._spun:
+            served = (last - prev) & 0xFFFF if prev is not None else 1
+            avg = self.spin_avg_ns
+            avg += (self._spun // (served or 1) - avg) >> 3
+            self._spun = 0
+            if avg > POLL_SPIN_BUDGET_NS:
+                # Polling costs more than the wake-ups it saves: stop, and
+                # probe again after a back-off that grows while this lasts.
+                self.spin_avg_ns = 0
+                self.poll_ns = 0
+                self._within = 0
+                self._off = self._backoff = min(POLL_BACKOFF_MAX, max(POLL_BACKOFF_MIN, self._off * 2))
+                return False
+            self.spin_avg_ns = avg
+            self._within += 1
+            if self._within >= POLL_BACKOFF_RESET:
+                self._off = 0
         window = self.poll_ns
         if window:
             deadline = t0 + window
             while avail[1] == last:
-                if _perf_ns() >= deadline:
+                now = _perf_ns()
+                if now >= deadline:
+                    self._spun = now - t0
                     return False
+            self._spun = _perf_ns() - t0
             return True
         return False
 
@@ -181,9 +264,13 @@ class KickWaiter:
         """Adapt the window to the idle gap that just ended: grow it when the
         gap was at most ``POLL_BUSY_GAP_FACTOR`` times the bound (a busy
         driver: a full window would have caught its next request or come
-        close), drop it to 0 after a longer one (idle)."""
+        close), drop it to 0 after a longer one (idle); keep it at 0 during
+        a back-off."""
         bound = self.poll_max_ns
-        if _perf_ns() - self._idle_t0 > bound * POLL_BUSY_GAP_FACTOR:
+        if self._backoff:
+            self._backoff -= 1
+            self.poll_ns = 0
+        elif _perf_ns() - self._idle_t0 > bound * POLL_BUSY_GAP_FACTOR:
             self.poll_ns = 0
         elif bound:
             self.poll_ns = min(bound, max(POLL_START_NS, self.poll_ns * 2))
