@@ -16,11 +16,15 @@ its number here.  What it does own is everything about *waiting*:
   idea): the window grows (doubling, to at most ``poll_max_ns``) while the
   idle gaps (poll plus sleep, as QEMU's ``block_ns``) stay within
   ``POLL_BUSY_GAP_FACTOR`` times the bound, and drops to 0 after a longer gap;
-* a CPU budget on that polling: the time spun is charged to the requests
-  served after it, and when the running average exceeds
-  ``POLL_SPIN_BUDGET_NS`` per request (the CPU a wake-up costs, which is
-  what a successful poll saves), polling stops for ``POLL_BACKOFF_MIN``
-  sleeps, doubling up to ``POLL_BACKOFF_MAX`` while it keeps failing.  A
+* a CPU test of that polling: the device's thread CPU per request served is
+  measured over epochs of ``POLL_EPOCH`` requests, apart for epochs that
+  polled and epochs that only slept; when a polling epoch costs more per
+  request than the last sleeping one (so the spin costs more CPU than the
+  wake-ups it saves), polling stops for ``POLL_BACKOFF_MIN`` sleeps (at
+  least an epoch, which measures sleeping again), doubling up to
+  ``POLL_BACKOFF_MAX`` while it keeps happening.  Before any sleeping epoch
+  was measured, ``POLL_SPIN_BUDGET_NS`` of spinning per request stands in
+  for the cost of a wake-up.  A
   driver whose next request comes later than a wake-up's worth of spinning
   (a TCG guest; any guest on an oversubscribed host, where the spin takes
   the CPU its next request needs) is then served by kicks, like
@@ -51,20 +55,26 @@ POLL_START_NS = 4_000
 #: once the device polls and needs no kick) would otherwise never get into
 #: the polling regime: see benchmarks/README.md, guest fio.
 POLL_BUSY_GAP_FACTOR = 4
-#: Spinning the poll may cost, on average per request served, at most this
-#: much CPU: about what a sleep and a kick cost the device (driver-side QD1,
-#: benchmarks/README.md: ~41 us of device CPU per request when it sleeps
-#: every time, ~15 us of it the request itself).  Above it, polling spends
-#: more CPU than the wake-ups it saves.
+#: Until a sleeping epoch was measured: spinning may cost at most this much
+#: per request served, about what a sleep and a kick cost the device at QD1
+#: (libblkio 4 KiB reads, benchmarks/README.md: ~19 us).  The measured
+#: comparison replaces it because the real cost of a wake-up varies (cold
+#: caches after a sleep make heavier requests dearer: 4 KiB writes ~45 us).
 POLL_SPIN_BUDGET_NS = 20_000
-#: Sleeps without polling after the budget was exceeded: the first back-off,
-#: doubled at each new excess up to the last (a probe every ~1000 requests
-#: costs a few windows, < 1 us per request).
-POLL_BACKOFF_MIN = 16
-POLL_BACKOFF_MAX = 1024
-#: Polls in a row within the budget after which the back-off starts from
+#: Requests per accounting epoch: long enough that a few windows that
+#: expire because the driver was preempted once do not decide (a running
+#: average of 1/8 weight did: one expired 200 us window tipped it), short
+#: enough that a probe is cheap.
+POLL_EPOCH = 64
+#: Sleeps without polling after a polling epoch lost: the first back-off
+#: (one epoch, so sleeping is measured again), doubled at each new loss up
+#: to the last (a losing probe then costs one epoch of polling per ~8000
+#: requests: ~1 us per request for a TCG guest's ~100 us spins).
+POLL_BACKOFF_MIN = POLL_EPOCH
+POLL_BACKOFF_MAX = 8192
+#: Polling epochs in a row that won after which the back-off starts from
 #: ``POLL_BACKOFF_MIN`` again.
-POLL_BACKOFF_RESET = 256
+POLL_BACKOFF_RESET = 4
 #: Without a kick fd (NOFD flag) the ring is polled at this period.
 NOFD_POLL_PERIOD = 0.001
 #: Reads of the kick fd per wake-up.  A counter-mode eventfd needs one (two
@@ -76,6 +86,7 @@ KICK_CHECK_EVERY = 8
 
 _ONE = (1).to_bytes(8, "little")
 _perf_ns = time.perf_counter_ns
+_thread_ns = time.thread_time_ns
 
 
 class KickWaiter:
@@ -86,8 +97,8 @@ class KickWaiter:
     then already removed, so a broken fd cannot spin the loop)."""
 
     __slots__ = ("loop", "fd", "poll_ns", "poll_max_ns", "kicked", "_waiter", "_reader_fd", "_idle_t0",
-                 "_on_kick", "_on_error", "spin_avg_ns", "_spun", "_poll_last", "_backoff", "_off",
-                 "_within", "_ones")
+                 "_on_kick", "_on_error", "_spun", "_spent", "_served", "_poll_last", "_backoff", "_off",
+                 "_within", "_ones", "_cpu0", "sleep_cpu_ns", "poll_cpu_ns")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int | None,
                  on_kick: Callable[[], None], on_error: Callable[[str], None]) -> None:
@@ -102,13 +113,18 @@ class KickWaiter:
         self._reader_fd: int | None = None
         #: Start of the current idle gap (perf_counter_ns, before the poll).
         self._idle_t0 = 0
-        #: Running average (1/8 weight) of the ns spun per request served.
-        self.spin_avg_ns = 0
         self._spun = 0           # ns spun by the last poll, not yet charged
+        self._spent = 0          # ns spun in this epoch
+        self._served = 0         # requests served in this epoch
         self._poll_last: int | None = None   # avail index at the last poll
         self._backoff = 0        # sleeps left without polling
         self._off = 0            # length of the last back-off
-        self._within = 0         # polls in a row within the budget
+        self._within = 0         # polling epochs in a row that won
+        self._cpu0 = _thread_ns()   # thread CPU at the epoch's start
+        #: Thread CPU per request of the last epoch that only slept, and of
+        #: the last one that polled (None: not measured yet).
+        self.sleep_cpu_ns: int | None = None
+        self.poll_cpu_ns: int | None = None
         self._ones = 0           # reads of exactly 1 since the last full drain (modulo KICK_CHECK_EVERY)
         self._on_kick = on_kick
         self._on_error = on_error
@@ -224,30 +240,21 @@ class KickWaiter:
         moved from ``last`` (the next avail index to serve).  Starts the
         idle-gap clock either way.
 
-        First the previous poll's spin is charged to the requests served
-        since (``last`` minus the index then; at least one); an average
-        over the budget turns polling off for a back-off (see the module
+        First the previous poll's spin and the requests served since
+        (``last`` minus the index then) go to the epoch's account; at the
+        end of an epoch, a polling epoch that cost more CPU per request
+        than sleeping turns polling off for a back-off (see the module
         docstring)."""
         t0 = self._idle_t0 = _perf_ns()
         prev = self._poll_last
         self._poll_last = last
+        if prev is not None:
+            self._served += (last - prev) & 0xFFFF
         if self._spun:
-            served = (last - prev) & 0xFFFF if prev is not None else 1
-            avg = self.spin_avg_ns
-            avg += (self._spun // (served or 1) - avg) >> 3
+            self._spent += self._spun
             self._spun = 0
-            if avg > POLL_SPIN_BUDGET_NS:
-                # Polling costs more than the wake-ups it saves: stop, and
-                # probe again after a back-off that grows while this lasts.
-                self.spin_avg_ns = 0
-                self.poll_ns = 0
-                self._within = 0
-                self._off = self._backoff = min(POLL_BACKOFF_MAX, max(POLL_BACKOFF_MIN, self._off * 2))
-                return False
-            self.spin_avg_ns = avg
-            self._within += 1
-            if self._within >= POLL_BACKOFF_RESET:
-                self._off = 0
+        if self._served >= POLL_EPOCH and self._epoch_end():
+            return False
         window = self.poll_ns
         if window:
             deadline = t0 + window
@@ -258,6 +265,32 @@ class KickWaiter:
                     return False
             self._spun = _perf_ns() - t0
             return True
+        return False
+
+    def _epoch_end(self) -> bool:
+        """Close the epoch: record its CPU per request; True if polling lost
+        (then it is off, for a back-off)."""
+        now = _thread_ns()
+        per = (now - self._cpu0) // self._served
+        self._cpu0 = now
+        polled = self._spent
+        spin = polled // self._served
+        self._spent = self._served = 0
+        if not polled:
+            self.sleep_cpu_ns = per
+            return False
+        self.poll_cpu_ns = per
+        sleep = self.sleep_cpu_ns
+        if per > sleep if sleep is not None else spin > POLL_SPIN_BUDGET_NS:
+            # Polling costs more than the wake-ups it saves: stop, and
+            # probe again after a back-off that grows while this lasts.
+            self._within = 0
+            self.poll_ns = 0
+            self._off = self._backoff = min(POLL_BACKOFF_MAX, max(POLL_BACKOFF_MIN, self._off * 2))
+            return True
+        self._within += 1
+        if self._within >= POLL_BACKOFF_RESET:
+            self._off = 0
         return False
 
     def slept(self) -> None:
