@@ -4,12 +4,13 @@ One ``KickWaiter`` per running queue (``connection.virtqueue.Virtqueue``).
 It owns no fd: the queue's configuration owns the kick eventfd and hands
 its number here.  What it does own is everything about *waiting*:
 
-* the kick fd's reader callback, which drains the eventfd a bounded number
-  of times per wake-up (``KICK_READS_PER_WAKE``): a counter-mode eventfd is
-  empty after one read, so a fd that is still readable after the bound (a
-  semaphore-mode eventfd with a huge count, or another kind of fd that never
-  stops being readable) would otherwise spin the device at full CPU; it is
-  reported to the queue, which breaks;
+* the kick fd's reader callback, which reads the eventfd once per wake-up
+  (a counter-mode eventfd is empty after one read) and, one wake-up in
+  ``KICK_CHECK_EVERY`` whose read returned 1, reads on a bounded number of
+  times (``KICK_READS_PER_WAKE``): a fd that is still readable after the
+  bound (a semaphore-mode eventfd with a huge count, or another kind of fd
+  that never stops being readable) would otherwise spin the device at full
+  CPU; it is reported to the queue, which breaks;
 * the serving task's sleep (one future; or, without a kick fd, the NOFD
   mode, polling the ring at ``NOFD_POLL_PERIOD``);
 * adaptive polling of ``avail.idx`` before sleeping (QEMU's poll-max-ns
@@ -24,12 +25,11 @@ its number here.  What it does own is everything about *waiting*:
   least an epoch, which measures sleeping again), doubling up to
   ``POLL_BACKOFF_MAX`` while it keeps happening.  Before any sleeping epoch
   was measured, ``POLL_SPIN_BUDGET_NS`` of spinning per request stands in
-  for the cost of a wake-up.  A
-  driver whose next request comes later than a wake-up's worth of spinning
-  (a TCG guest; any guest on an oversubscribed host, where the spin takes
-  the CPU its next request needs) is then served by kicks, like
-  qemu-storage-daemon; a fast driver keeps the window (benchmarks/README.md,
-  "QD1 in a TCG guest").
+  for the cost of a wake-up.  A driver whose next request comes later than
+  a wake-up's worth of spinning (a TCG guest; any guest on an
+  oversubscribed host, where the spin takes the CPU its next request
+  needs) is then served by kicks, like qemu-storage-daemon; a fast driver
+  keeps the window (benchmarks/README.md, "QD1 in a TCG guest, again").
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ POLL_BUSY_GAP_FACTOR = 4
 #: per request served, about what a sleep and a kick cost the device at QD1
 #: (libblkio 4 KiB reads, benchmarks/README.md: ~19 us).  The measured
 #: comparison replaces it because the real cost of a wake-up varies (cold
-#: caches after a sleep make heavier requests dearer: 4 KiB writes ~45 us).
+#: caches after a sleep make heavier requests dearer: 4 KiB writes cost
+#: ~115 us per request sleeping against 60-70 us polling, 25 us of it spin).
 POLL_SPIN_BUDGET_NS = 20_000
 #: Requests per accounting epoch: long enough that a few windows that
 #: expire because the driver was preempted once do not decide (a running
@@ -77,9 +78,9 @@ POLL_BACKOFF_MAX = 8192
 POLL_BACKOFF_RESET = 4
 #: Without a kick fd (NOFD flag) the ring is polled at this period.
 NOFD_POLL_PERIOD = 0.001
-#: Reads of the kick fd per wake-up.  A counter-mode eventfd needs one (two
-#: when the count was 1: the second one finds it empty); a legitimate
-#: front-end cannot kick between our reads this many times in a row.
+#: Reads of the kick fd in a full drain (see ``KickWaiter.drain``): a
+#: legitimate front-end cannot kick between our reads this many times in a
+#: row.
 KICK_READS_PER_WAKE = 64
 #: Wake-ups whose single read returned 1 between two full drains (a power of two).
 KICK_CHECK_EVERY = 8
