@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.block_matrix import tree_stats
 from frontend.guest import procs
 from frontend.guest.backends import QsdBlock, start_our_block
 from frontend.guest.initramfs import base_initramfs
@@ -36,6 +37,8 @@ log = logging.getLogger("bench.guest_fio")
 
 MiB = 1 << 20
 IMAGE_SIZE = 512 * MiB
+#: fio's --ramp_time: I/O that runs but is not in fio's figures.
+RAMP_S = 1
 
 # name -> fio arguments. 128 KiB sequential at iodepth 8: deep enough to stream.
 JOBS = {
@@ -49,8 +52,9 @@ export LD_LIBRARY_PATH={libpath}
 fio --version >/dev/null 2>&1 || {{ echo "E2E-RESULT error=fio_does_not_run"; /usr/bin/fio --version; exit 3; }}
 for spec in {specs}; do
     name=${{spec%%:*}}; args=$(echo "${{spec#*:}}" | tr '+' ' ')
+    echo "E2E-JOB-START $name"
     fio --name=$name --filename=/dev/vda --direct=1 --ioengine=libaio --thread \
-        --runtime={runtime} --ramp_time=1 --time_based --size={size} \
+        --runtime={runtime} --ramp_time={ramp} --time_based --size={size} \
         --output-format=json $args > /tmp/$name.json 2>/tmp/$name.err
     echo "E2E-RESULT rc_$name=$?"
     echo "E2E-FIO-BEGIN $name"
@@ -78,28 +82,47 @@ def fio_files() -> dict[str, Path]:
 def guest_script(runtime: int, files: dict[str, Path]) -> str:
     libdirs = sorted({str(Path("/" + p).parent) for p in files if ".so" in p})
     specs = " ".join(f"{name}:{args.replace(' ', '+')}" for name, args in JOBS.items())
-    return GUEST_SCRIPT.format(libpath=":".join(libdirs), specs=specs, runtime=runtime, size=IMAGE_SIZE)
+    return GUEST_SCRIPT.format(libpath=":".join(libdirs), specs=specs, runtime=runtime, ramp=RAMP_S,
+                               size=IMAGE_SIZE)
 
 
 def parse_fio(console: str) -> dict[str, dict[str, float]]:
-    """Pick each job's JSON out of the console and keep the figures we report."""
-    results = {}
+    """Each job's figures from the console (see ``_job_figures``)."""
+    return {name: _job_figures(console, name) for name in JOBS}
+
+
+def _job_figures(console: str, name: str) -> dict[str, float]:
+    """Pick one job's JSON out of the console and keep the figures we report."""
+    m = re.search(rf"E2E-FIO-BEGIN {name}\s*\n(.*?)\nE2E-FIO-END {name}", console, re.S)
+    if not m:
+        raise HarnessError(f"no fio output for {name} on the console")
+    text = m.group(1)
+    text = text[text.index("{") :]
+    doc = json.loads(text)
+    rd = doc["jobs"][0]["read"]
+    clat = rd["clat_ns"]
+    return {
+        "iops": rd["iops"],
+        "mb_s": rd["bw_bytes"] / 1e6,
+        "lat_us_mean": rd["lat_ns"]["mean"] / 1000,  # submission + completion
+        "clat_us_p50": clat.get("percentile", {}).get("50.000000", 0) / 1000,
+    }
+
+
+def _cpu_during_jobs(q: Qemu, backend_pid: int, runtime: int) -> dict[str, dict[str, float]]:
+    """CPU seconds of the back-end's process tree and of QEMU during each job,
+    sampled at the job's start marker and at its result line on the console
+    (console polling: ~50 ms granularity, against 6 s jobs)."""
+    out = {}
     for name in JOBS:
-        m = re.search(rf"E2E-FIO-BEGIN {name}\s*\n(.*?)\nE2E-FIO-END {name}", console, re.S)
-        if not m:
-            raise HarnessError(f"no fio output for {name} on the console")
-        text = m.group(1)
-        text = text[text.index("{") :]
-        doc = json.loads(text)
-        rd = doc["jobs"][0]["read"]
-        clat = rd["clat_ns"]
-        results[name] = {
-            "iops": rd["iops"],
-            "mb_s": rd["bw_bytes"] / 1e6,
-            "lat_us_mean": rd["lat_ns"]["mean"] / 1000,  # submission + completion
-            "clat_us_p50": clat.get("percentile", {}).get("50.000000", 0) / 1000,
-        }
-    return results
+        q.wait_for_line(rf"^E2E-JOB-START {name}\b", 120)
+        b0, w0 = tree_stats(backend_pid)
+        q0 = tree_stats(q.proc.pid)[0]
+        q.wait_for_line(rf"^E2E-RESULT rc_{name}=", runtime + 60)
+        b1, w1 = tree_stats(backend_pid)
+        q1 = tree_stats(q.proc.pid)[0]
+        out[name] = {"backend_cpu_s": b1 - b0, "backend_wait_s": w1 - w0, "qemu_cpu_s": q1 - q0}
+    return out
 
 
 def make_image(path: Path) -> Path:
@@ -112,7 +135,7 @@ def make_image(path: Path) -> Path:
 
 
 def run_once(backend: str, kernel, base: Path, accel: str, workdir: Path, image: Path,
-             script: str, ours_mode: str, poll_us: int | None = None) -> dict[str, dict[str, float]]:
+             script: str, ours_mode: str, poll_us: int | None = None, runtime: int = 5) -> dict[str, dict[str, float]]:
     sock = workdir / f"{backend}.sock"
     if backend == "qsd":
         be = QsdBlock(image, sock, workdir / "qsd.log").start()
@@ -123,15 +146,32 @@ def run_once(backend: str, kernel, base: Path, accel: str, workdir: Path, image:
         q.attach(be)
         q.add_vhost_user_blk(sock)
         try:
-            res = q.run(script, timeout=60 + 4 * len(JOBS) * 20, )
+            q.start(script)
+            cpu = _cpu_during_jobs(q, be.proc.pid, runtime)
+            res = q.wait(60 + 4 * len(JOBS) * 20)
+            if res.rc != 0:
+                raise q.failure(f"guest script failed rc={res.rc} results={res.results}")
         finally:
             q.stop()
         bad = {k: v for k, v in res.results.items() if k.startswith("rc_") and v != "0"}
         if bad:
             raise HarnessError(f"fio failed in the guest: {bad}\n{res.console[-2000:]}")
-        return parse_fio(res.console)
+        results = parse_fio(res.console)
+        for name, figures in results.items():
+            # I/Os in the CPU window: fio's rate over its ramp and timed phases.
+            ios = figures["iops"] * (runtime + RAMP_S)
+            c = cpu[name]
+            figures["backend_cpu_us_per_io"] = c["backend_cpu_s"] * 1e6 / ios if ios else float("nan")
+            figures["qemu_cpu_us_per_io"] = c["qemu_cpu_s"] * 1e6 / ios if ios else float("nan")
+            figures["backend_wait_pct"] = 100 * c["backend_wait_s"] / (runtime + RAMP_S)
+        return results
     finally:
         be.stop()
+
+
+def _loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,15 +196,18 @@ def main(argv: list[str] | None = None) -> int:
     image = make_image(workdir / "bench.img")
     samples: dict[str, list[dict[str, dict[str, float]]]] = {"ours": [], "qsd": []}
     t0 = time.monotonic()
+    load0 = _loadavg()
     try:
         for i in range(args.runs):
             order = ("ours", "qsd") if i % 2 == 0 else ("qsd", "ours")
             for backend in order:
-                r = run_once(backend, kernel, base, accel, workdir, image, script, args.ours, args.poll_us)
+                r = run_once(backend, kernel, base, accel, workdir, image, script, args.ours, args.poll_us,
+                             args.runtime)
                 samples[backend].append(r)
                 print(f"run {i + 1} {backend:4s} " + "  ".join(
-                    f"{j}={v['iops']:.0f}iops/{v['mb_s']:.1f}MB/s/{v['lat_us_mean']:.0f}us" for j, v in r.items()
-                ), flush=True)
+                    f"{j}={v['iops']:.0f}iops/{v['mb_s']:.1f}MB/s/{v['lat_us_mean']:.0f}us"
+                    f"/cpu{v['backend_cpu_us_per_io']:.0f}us" for j, v in r.items()
+                ) + f"  load {_loadavg()}", flush=True)
     finally:
         procs.reap_all()
     shutil.rmtree(workdir, ignore_errors=True)
@@ -178,8 +221,12 @@ def main(argv: list[str] | None = None) -> int:
         ("4 KiB randread QD1 median completion latency (us)", "randread_4k_qd1", "clat_us_p50"),
         ("4 KiB randread QD32 IOPS", "randread_4k_qd32", "iops"),
         ("128 KiB seqread QD8 MB/s", "seqread_128k_qd8", "mb_s"),
+        ("4 KiB randread QD1 back-end CPU us/IO", "randread_4k_qd1", "backend_cpu_us_per_io"),
+        ("4 KiB randread QD32 back-end CPU us/IO", "randread_4k_qd32", "backend_cpu_us_per_io"),
+        ("128 KiB seqread QD8 back-end CPU us/IO", "seqread_128k_qd8", "backend_cpu_us_per_io"),
+        ("4 KiB randread QD1 QEMU CPU us/IO", "randread_4k_qd1", "qemu_cpu_us_per_io"),
     ]
-    print(f"\naccel={accel}, {args.runs} alternating runs per back-end, {args.runtime}s per job, "
+    print(f"\naccel={accel}, load average {load0} at the start, {args.runs} alternating runs per back-end, {args.runtime}s per job, "
           f"ours={args.ours}, medians, {time.monotonic() - t0:.0f}s total\n")
     print("| metric | ours | qemu-storage-daemon | ours/qsd |")
     print("|---|---:|---:|---:|")
@@ -189,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
         ratio = o / q if q else float("nan")
         summary[label] = {"ours": o, "qsd": q, "ratio": ratio}
         print(f"| {label} | {o:.1f} | {q:.1f} | {ratio:.2f} |")
-    print("\n(latency: lower is better, so a ratio above 1 means ours is slower)")
+    print("\n(latency and CPU per I/O: lower is better, so a ratio above 1 means ours is slower or costlier;"
+          " CPU per I/O is the back-end's process tree, or QEMU, over fio's ramp and timed phases)")
+    print(f"load average at the end: {_loadavg()}")
     if args.json:
         args.json.write_text(json.dumps({"accel": accel, "samples": samples, "summary": summary}, indent=1))
     return 0

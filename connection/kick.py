@@ -4,18 +4,32 @@ One ``KickWaiter`` per running queue (``connection.virtqueue.Virtqueue``).
 It owns no fd: the queue's configuration owns the kick eventfd and hands
 its number here.  What it does own is everything about *waiting*:
 
-* the kick fd's reader callback, which drains the eventfd a bounded number
-  of times per wake-up (``KICK_READS_PER_WAKE``): a counter-mode eventfd is
-  empty after one read, so a fd that is still readable after the bound (a
-  semaphore-mode eventfd with a huge count, or another kind of fd that never
-  stops being readable) would otherwise spin the device at full CPU; it is
-  reported to the queue, which breaks;
+* the kick fd's reader callback, which reads the eventfd once per wake-up
+  (a counter-mode eventfd is empty after one read) and, one wake-up in
+  ``KICK_CHECK_EVERY`` whose read returned 1, reads on a bounded number of
+  times (``KICK_READS_PER_WAKE``): a fd that is still readable after the
+  bound (a semaphore-mode eventfd with a huge count, or another kind of fd
+  that never stops being readable) would otherwise spin the device at full
+  CPU; it is reported to the queue, which breaks;
 * the serving task's sleep (one future; or, without a kick fd, the NOFD
   mode, polling the ring at ``NOFD_POLL_PERIOD``);
 * adaptive polling of ``avail.idx`` before sleeping (QEMU's poll-max-ns
   idea): the window grows (doubling, to at most ``poll_max_ns``) while the
   idle gaps (poll plus sleep, as QEMU's ``block_ns``) stay within
-  ``POLL_BUSY_GAP_FACTOR`` times the bound, and drops to 0 after a longer gap.
+  ``POLL_BUSY_GAP_FACTOR`` times the bound, and drops to 0 after a longer gap;
+* a CPU test of that polling: the device's thread CPU per request served is
+  measured over epochs of ``POLL_EPOCH`` requests, apart for epochs that
+  polled and epochs that only slept; when a polling epoch costs more per
+  request than the last sleeping one (so the spin costs more CPU than the
+  wake-ups it saves), polling stops for ``POLL_BACKOFF_MIN`` sleeps (at
+  least an epoch, which measures sleeping again), doubling up to
+  ``POLL_BACKOFF_MAX`` while it keeps happening.  Before any sleeping epoch
+  was measured, ``POLL_SPIN_BUDGET_NS`` of spinning per request stands in
+  for the cost of a wake-up.  A driver whose next request comes later than
+  a wake-up's worth of spinning (a TCG guest; any guest on an
+  oversubscribed host, where the spin takes the CPU its next request
+  needs) is then served by kicks, like qemu-storage-daemon; a fast driver
+  keeps the window (benchmarks/README.md, "QD1 in a TCG guest, again").
 """
 
 from __future__ import annotations
@@ -41,15 +55,39 @@ POLL_START_NS = 4_000
 #: once the device polls and needs no kick) would otherwise never get into
 #: the polling regime: see benchmarks/README.md, guest fio.
 POLL_BUSY_GAP_FACTOR = 4
+#: Until a sleeping epoch was measured: spinning may cost at most this much
+#: per request served, about what a sleep and a kick cost the device at QD1
+#: (libblkio 4 KiB reads, benchmarks/README.md: ~19 us).  The measured
+#: comparison replaces it because the real cost of a wake-up varies (cold
+#: caches after a sleep make heavier requests dearer: 4 KiB writes cost
+#: ~115 us per request sleeping against 60-70 us polling, 25 us of it spin).
+POLL_SPIN_BUDGET_NS = 20_000
+#: Requests per accounting epoch: long enough that a few windows that
+#: expire because the driver was preempted once do not decide (a running
+#: average of 1/8 weight did: one expired 200 us window tipped it), short
+#: enough that a probe is cheap.
+POLL_EPOCH = 64
+#: Sleeps without polling after a polling epoch lost: the first back-off
+#: (one epoch, so sleeping is measured again), doubled at each new loss up
+#: to the last (a losing probe then costs one epoch of polling per ~8000
+#: requests: ~1 us per request for a TCG guest's ~100 us spins).
+POLL_BACKOFF_MIN = POLL_EPOCH
+POLL_BACKOFF_MAX = 8192
+#: Polling epochs in a row that won after which the back-off starts from
+#: ``POLL_BACKOFF_MIN`` again.
+POLL_BACKOFF_RESET = 4
 #: Without a kick fd (NOFD flag) the ring is polled at this period.
 NOFD_POLL_PERIOD = 0.001
-#: Reads of the kick fd per wake-up.  A counter-mode eventfd needs one (two
-#: when the count was 1: the second one finds it empty); a legitimate
-#: front-end cannot kick between our reads this many times in a row.
+#: Reads of the kick fd in a full drain (see ``KickWaiter.drain``): a
+#: legitimate front-end cannot kick between our reads this many times in a
+#: row.
 KICK_READS_PER_WAKE = 64
+#: Wake-ups whose single read returned 1 between two full drains (a power of two).
+KICK_CHECK_EVERY = 8
 
 _ONE = (1).to_bytes(8, "little")
 _perf_ns = time.perf_counter_ns
+_thread_ns = time.thread_time_ns
 
 
 class KickWaiter:
@@ -60,7 +98,8 @@ class KickWaiter:
     then already removed, so a broken fd cannot spin the loop)."""
 
     __slots__ = ("loop", "fd", "poll_ns", "poll_max_ns", "kicked", "_waiter", "_reader_fd", "_idle_t0",
-                 "_on_kick", "_on_error")
+                 "_on_kick", "_on_error", "_spun", "_spent", "_served", "_poll_last", "_backoff", "_off",
+                 "_within", "_ones", "_cpu0", "sleep_cpu_ns", "poll_cpu_ns")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int | None,
                  on_kick: Callable[[], None], on_error: Callable[[str], None]) -> None:
@@ -75,6 +114,19 @@ class KickWaiter:
         self._reader_fd: int | None = None
         #: Start of the current idle gap (perf_counter_ns, before the poll).
         self._idle_t0 = 0
+        self._spun = 0           # ns spun by the last poll, not yet charged
+        self._spent = 0          # ns spun in this epoch
+        self._served = 0         # requests served in this epoch
+        self._poll_last: int | None = None   # avail index at the last poll
+        self._backoff = 0        # sleeps left without polling
+        self._off = 0            # length of the last back-off
+        self._within = 0         # polling epochs in a row that won
+        self._cpu0 = _thread_ns()   # thread CPU at the epoch's start
+        #: Thread CPU per request of the last epoch that only slept, and of
+        #: the last one that polled (None: not measured yet).
+        self.sleep_cpu_ns: int | None = None
+        self.poll_cpu_ns: int | None = None
+        self._ones = 0           # reads of exactly 1 since the last full drain (modulo KICK_CHECK_EVERY)
         self._on_kick = on_kick
         self._on_error = on_error
 
@@ -104,13 +156,33 @@ class KickWaiter:
         self.wake(kicked=True)
 
     def drain(self) -> str | None:
-        """Read the kick fd until it is empty, at most ``KICK_READS_PER_WAKE``
-        times; None when drained, else why it could not be."""
+        """Empty the kick fd; None when drained, else why it could not be.
+
+        A counter-mode eventfd (what every front-end sends) is empty after
+        one read, so one read is all a wake-up costs.  A read of exactly 1
+        is also what a semaphore-mode eventfd always returns, so one such
+        wake-up in ``KICK_CHECK_EVERY`` reads on until the fd is empty, at
+        most ``KICK_READS_PER_WAKE`` times: a fd that is still readable then
+        is reported (at most that many wake-ups of spinning first).  The
+        read that finds the fd empty raises an OSError, whose construction
+        (strerror decoded to text) costs about as much as the read; doing
+        it on every wake-up was ~3 % of a queue-depth-1 request."""
         fd = self.fd
         if fd is None:
             return None
         read = os.read
-        for _ in range(KICK_READS_PER_WAKE):
+        try:
+            data = read(fd, 8)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            return f"reading kick fd {fd}: {exc}"
+        if data != _ONE:
+            return None if data else f"kick fd {fd}: end of file"
+        self._ones = n = (self._ones + 1) & (KICK_CHECK_EVERY - 1)
+        if n:
+            return None
+        for _ in range(KICK_READS_PER_WAKE - 1):
             try:
                 data = read(fd, 8)
             except BlockingIOError:
@@ -166,24 +238,73 @@ class KickWaiter:
 
     def poll(self, avail: memoryview, last: int) -> bool:
         """Spin on ``avail[1]`` (avail.idx) for up to ``poll_ns``; True if it
-        moved from ``last``.  Starts the idle-gap clock either way."""
+        moved from ``last`` (the next avail index to serve).  Starts the
+        idle-gap clock either way.
+
+        First the previous poll's spin and the requests served since
+        (``last`` minus the index then) go to the epoch's account; at the
+        end of an epoch, a polling epoch that cost more CPU per request
+        than sleeping turns polling off for a back-off (see the module
+        docstring)."""
         t0 = self._idle_t0 = _perf_ns()
+        prev = self._poll_last
+        self._poll_last = last
+        if prev is not None:
+            self._served += (last - prev) & 0xFFFF
+        if self._spun:
+            self._spent += self._spun
+            self._spun = 0
+        if self._served >= POLL_EPOCH and self._epoch_end():
+            return False
         window = self.poll_ns
         if window:
             deadline = t0 + window
             while avail[1] == last:
-                if _perf_ns() >= deadline:
+                now = _perf_ns()
+                if now >= deadline:
+                    self._spun = now - t0
                     return False
+            self._spun = _perf_ns() - t0
             return True
+        return False
+
+    def _epoch_end(self) -> bool:
+        """Close the epoch: record its CPU per request; True if polling lost
+        (then it is off, for a back-off)."""
+        now = _thread_ns()
+        per = (now - self._cpu0) // self._served
+        self._cpu0 = now
+        polled = self._spent
+        spin = polled // self._served
+        self._spent = self._served = 0
+        if not polled:
+            self.sleep_cpu_ns = per
+            return False
+        self.poll_cpu_ns = per
+        sleep = self.sleep_cpu_ns
+        if per > sleep if sleep is not None else spin > POLL_SPIN_BUDGET_NS:
+            # Polling costs more than the wake-ups it saves: stop, and
+            # probe again after a back-off that grows while this lasts.
+            self._within = 0
+            self.poll_ns = 0
+            self._off = self._backoff = min(POLL_BACKOFF_MAX, max(POLL_BACKOFF_MIN, self._off * 2))
+            return True
+        self._within += 1
+        if self._within >= POLL_BACKOFF_RESET:
+            self._off = 0
         return False
 
     def slept(self) -> None:
         """Adapt the window to the idle gap that just ended: grow it when the
         gap was at most ``POLL_BUSY_GAP_FACTOR`` times the bound (a busy
         driver: a full window would have caught its next request or come
-        close), drop it to 0 after a longer one (idle)."""
+        close), drop it to 0 after a longer one (idle); keep it at 0 during
+        a back-off."""
         bound = self.poll_max_ns
-        if _perf_ns() - self._idle_t0 > bound * POLL_BUSY_GAP_FACTOR:
+        if self._backoff:
+            self._backoff -= 1
+            self.poll_ns = 0
+        elif _perf_ns() - self._idle_t0 > bound * POLL_BUSY_GAP_FACTOR:
             self.poll_ns = 0
         elif bound:
             self.poll_ns = min(bound, max(POLL_START_NS, self.poll_ns * 2))

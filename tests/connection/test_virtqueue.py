@@ -974,7 +974,7 @@ def test_semaphore_kick_fd_breaks_the_queue_instead_of_spinning(setup, caplog):
     """A semaphore-mode eventfd stays readable for ``count`` reads: the
     reader would fire on every loop iteration.  After a bounded number of
     reads per wake-up the queue breaks, and its reader is gone."""
-    from connection.kick import KICK_READS_PER_WAKE
+    from connection.kick import KICK_CHECK_EVERY, KICK_READS_PER_WAKE
     sem = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC | os.EFD_SEMAPHORE)
     q, ring = setup.queue(features=EVENT_IDX)
     setup.configs[0].set_kick_fd(os.dup(sem))
@@ -983,15 +983,21 @@ def test_semaphore_kick_fd_breaks_the_queue_instead_of_spinning(setup, caplog):
 
     async def scenario():
         assert await q.wait_kick() is True             # start counts as a kick
-        assert await asyncio.wait_for(q.wait_kick(), 2) is False
+        # a wake-up per single read, then the full drain finds it still readable
+        for _ in range(KICK_CHECK_EVERY):
+            if not await asyncio.wait_for(q.wait_kick(), 2):
+                break
+        else:
+            raise AssertionError(f"still serving after {KICK_CHECK_EVERY} wake-ups")
         for _ in range(5):
             await asyncio.sleep(0)
 
     setup.run(scenario())
     assert q.broken and "still readable" in q.broken_reason
     assert f"after {KICK_READS_PER_WAKE} reads" in q.broken_reason
-    # one wake-up read the bound, then the reader was removed: no more reads
-    assert _eventfd_count_of(sem) == 2**64 - 2 - KICK_READS_PER_WAKE
+    # one read per wake-up for KICK_CHECK_EVERY - 1 wake-ups, then one
+    # wake-up read the bound, then the reader was removed: no more reads
+    assert _eventfd_count_of(sem) == 2**64 - 2 - (KICK_CHECK_EVERY - 1) - KICK_READS_PER_WAKE
     assert eventfd_count(setup.err[0]) == 1            # the front-end is told
     os.close(sem)
 
@@ -1007,13 +1013,14 @@ def _eventfd_count_of(fd: int) -> int:
 
 def test_counter_mode_kick_fd_is_read_once_or_twice(setup):
     """A normal eventfd is emptied by one read; a count of 1 costs one
-    more read that finds it empty.  Neither breaks the queue."""
+    more read that finds it empty once in KICK_CHECK_EVERY wake-ups.
+    Neither breaks the queue."""
     q, ring = setup.queue(features=EVENT_IDX)
     buf = setup.guest.alloc(64)
 
     async def scenario():
         await q.wait_kick()
-        for count in (1, 5, 2**40):
+        for count in (1, 5, 2**40, *[1] * 20):
             task = asyncio.ensure_future(q.wait_kick())
             await asyncio.sleep(0.005)
             ring.chain([(buf, 64, True)])
