@@ -171,18 +171,7 @@ class KickWaiter:
         if fd is None:
             return None
         read = os.read
-        try:
-            data = read(fd, 8)
-        except BlockingIOError:
-            return None
-        except OSError as exc:
-            return f"reading kick fd {fd}: {exc}"
-        if data != _ONE:
-            return None if data else f"kick fd {fd}: end of file"
-        self._ones = n = (self._ones + 1) & (KICK_CHECK_EVERY - 1)
-        if n:
-            return None
-        for _ in range(KICK_READS_PER_WAKE - 1):
+        for i in range(KICK_READS_PER_WAKE):
             try:
                 data = read(fd, 8)
             except BlockingIOError:
@@ -193,6 +182,10 @@ class KickWaiter:
                 # A counter-mode eventfd hands over its whole count (> 1) and
                 # is empty now; a semaphore-mode one always reads 1.
                 return None if data else f"kick fd {fd}: end of file"
+            if not i:
+                self._ones = n = (self._ones + 1) & (KICK_CHECK_EVERY - 1)
+                if n:
+                    return None
         return (f"kick fd {fd} still readable after {KICK_READS_PER_WAKE} reads "
                 f"(a semaphore-mode eventfd, or not an eventfd)")
 
