@@ -17,26 +17,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import mmap
 import os
 import struct
 import time
 
 from connection.executor import Executor
-from connection.memory import GuestMemory
-from connection.protocol import MemoryRegion, VirtioFeature, VringAddr
+from connection.protocol import VirtioFeature, VringAddr
 from connection.split_ring import DESC_F_NEXT, DESC_F_WRITE
 from connection.virtqueue import QueueConfig
 
-MiB = 1 << 20
-QSIZE = 256
-QVA = 0x7F00_0000_0000
+from .guest_ring import QVA, MiB, QSIZE, memfd_guest, write_desc
+
 T_IN = 0
-
-
-def _desc(table: memoryview, i: int, addr: int, length: int, flags: int, nxt: int = 0) -> None:
-    table[2 * i] = addr
-    table[2 * i + 1] = length | (flags << 32) | (nxt << 48)
 
 
 def run(batch: int, seconds: float, repeat: int, requests: int = 0) -> float:
@@ -45,12 +37,7 @@ def run(batch: int, seconds: float, repeat: int, requests: int = 0) -> float:
     neighbour's load can blur)."""
     from devices.block import BlockDevice
     size = 8 * MiB
-    fd = os.memfd_create("bench-guest", os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
-    host = mmap.mmap(fd, size)
-    hv = memoryview(host)
-    mem = GuestMemory()
-    mem.add_region(MemoryRegion(0, size, QVA, 0), os.dup(fd))
+    host, hv, mem = memfd_guest(size)
     desc_gpa, avail_gpa, used_gpa, data_gpa = 0x0, 0x1000 * 4, 0x1000 * 5, MiB
     desc = hv[desc_gpa:desc_gpa + 16 * QSIZE].cast("Q")
     avail = hv[avail_gpa:avail_gpa + 6 + 2 * QSIZE].cast("H")
@@ -59,9 +46,9 @@ def run(batch: int, seconds: float, repeat: int, requests: int = 0) -> float:
         hdr, data, status = data_gpa + r * 8192, data_gpa + r * 8192 + 512, data_gpa + r * 8192 + 4608
         struct.pack_into("<IIQ", host, hdr, T_IN, 0, r * 8)
         head = 3 * r
-        _desc(desc, head, hdr, 16, DESC_F_NEXT, head + 1)
-        _desc(desc, head + 1, data, 4096, DESC_F_WRITE | DESC_F_NEXT, head + 2)
-        _desc(desc, head + 2, status, 1, DESC_F_WRITE)
+        write_desc(desc, head, hdr, 16, DESC_F_NEXT, head + 1)
+        write_desc(desc, head + 1, data, 4096, DESC_F_WRITE | DESC_F_NEXT, head + 2)
+        write_desc(desc, head + 2, status, 1, DESC_F_WRITE)
         avail[2 + r] = head
     for k in range(per, QSIZE):
         avail[2 + k] = avail[2 + k % per]

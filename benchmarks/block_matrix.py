@@ -32,6 +32,7 @@ points).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -178,8 +179,10 @@ class Backend:
                 self.proc.wait(5)
 
 
+@functools.cache
 def contrib_backend() -> str:
-    """QEMU's contrib/vhost-user-blk for the installed QEMU (built and cached once)."""
+    """QEMU's contrib/vhost-user-blk for the installed QEMU (built and cached once;
+    looked up once per run, not per cell)."""
     out = subprocess.run(["sh", str(ROOT / "conformance" / "build_qemu.sh")], check=True, capture_output=True,
                          text=True)
     binary = Path(out.stdout.strip().splitlines()[-1]) / "contrib" / "vhost-user-blk" / "vhost-user-blk"

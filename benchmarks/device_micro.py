@@ -21,27 +21,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import mmap
 import os
 import tempfile
 import time
 
 from connection.executor import Executor
-from connection.memory import GuestMemory
-from connection.protocol import MemoryRegion, VirtioFeature, VringAddr
+from connection.protocol import VirtioFeature, VringAddr
 from connection.split_ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
 from connection.virtqueue import QueueConfig
 from devices.block import BlockDevice
 from devices.virtio_blk import F_FLUSH, HEADER, T_IN, T_OUT
 
-MiB = 1 << 20
-QSIZE = 256
-QVA = 0x7F00_0000_0000
+from .guest_ring import QVA, MiB, QSIZE, memfd_guest, write_desc
 
-
-def _desc(table: memoryview, i: int, addr: int, length: int, flags: int, nxt: int = 0) -> None:
-    table[2 * i] = addr
-    table[2 * i + 1] = length | (flags << 32) | (nxt << 48)
 
 
 def syscalls() -> int:
@@ -69,11 +61,7 @@ def main() -> None:
     per = batch if args.indirect else min(batch, QSIZE // 3)
     stride = args.bs + 8192
     size = 4 * MiB + per * stride
-    fd = os.memfd_create("bench-guest", os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
-    hv = memoryview(mmap.mmap(fd, size))
-    mem = GuestMemory()
-    mem.add_region(MemoryRegion(0, size, QVA, 0), os.dup(fd))
+    _host, hv, mem = memfd_guest(size)
     desc_gpa, avail_gpa, used_gpa, tables_gpa, data_gpa = 0x0, 0x4000, 0x5000, 0x8000, 4 * MiB
     desc = hv[desc_gpa:desc_gpa + 16 * QSIZE].cast("Q")
     avail = hv[avail_gpa:avail_gpa + 6 + 2 * QSIZE].cast("H")
@@ -87,17 +75,17 @@ def main() -> None:
         if args.indirect:
             t = tables_gpa + 48 * r
             tv = hv[t:t + 48].cast("Q")
-            _desc(tv, 0, hdr, 16, DESC_F_NEXT, 1)
-            _desc(tv, 1, data, args.bs, dflags | DESC_F_NEXT, 2)
-            _desc(tv, 2, status, 1, DESC_F_WRITE)
+            write_desc(tv, 0, hdr, 16, DESC_F_NEXT, 1)
+            write_desc(tv, 1, data, args.bs, dflags | DESC_F_NEXT, 2)
+            write_desc(tv, 2, status, 1, DESC_F_WRITE)
             tv.release()
-            _desc(desc, r, t, 48, DESC_F_INDIRECT)
+            write_desc(desc, r, t, 48, DESC_F_INDIRECT)
             heads.append(r)
         else:
             h = 3 * r
-            _desc(desc, h, hdr, 16, DESC_F_NEXT, h + 1)
-            _desc(desc, h + 1, data, args.bs, dflags | DESC_F_NEXT, h + 2)
-            _desc(desc, h + 2, status, 1, DESC_F_WRITE)
+            write_desc(desc, h, hdr, 16, DESC_F_NEXT, h + 1)
+            write_desc(desc, h + 1, data, args.bs, dflags | DESC_F_NEXT, h + 2)
+            write_desc(desc, h + 2, status, 1, DESC_F_WRITE)
             heads.append(h)
     for k in range(QSIZE):
         avail[2 + k] = heads[k % per]
@@ -163,7 +151,7 @@ def _kick_rounds(loop: asyncio.AbstractEventLoop, avail: memoryview, idx: int, b
     done = loop.create_future()
 
     def completed() -> None:
-        nonlocal idx, left
+        nonlocal left
         os.read(call, 8)
         left -= 1
         if not left:

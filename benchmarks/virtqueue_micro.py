@@ -14,37 +14,24 @@ a busy neighbour on a shared machine skews them less than wall time would.
 from __future__ import annotations
 
 import argparse
-import mmap
 import os
 import time
 
 import uvloop
 
 from connection.inflight import InflightRegion
-from connection.memory import GuestMemory
-from connection.protocol import MemoryRegion, VirtioFeature, VringAddr
+from connection.protocol import VirtioFeature, VringAddr
 from connection.split_ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
 from connection.virtqueue import QueueConfig
 
-MiB = 1 << 20
-QSIZE = 256
-QVA = 0x7F00_0000_0000
+from .guest_ring import QVA, MiB, QSIZE, memfd_guest, write_desc
 
-
-def _desc(table: memoryview, i: int, addr: int, length: int, flags: int, nxt: int = 0) -> None:
-    table[2 * i] = addr
-    table[2 * i + 1] = length | (flags << 32) | (nxt << 48)
 
 
 def run(name: str, *, indirect: bool, event_idx: bool, inflight: bool, batch: int, seconds: float,
         repeat: int = 5) -> float:
     size = 8 * MiB
-    fd = os.memfd_create("bench-guest", os.MFD_CLOEXEC)
-    os.ftruncate(fd, size)
-    host = mmap.mmap(fd, size)
-    hv = memoryview(host)
-    mem = GuestMemory()
-    mem.add_region(MemoryRegion(0, size, QVA, 0), os.dup(fd))
+    host, hv, mem = memfd_guest(size)
     desc_gpa, avail_gpa, used_gpa, tables_gpa, data_gpa = 0x0, 0x1000 * 4, 0x1000 * 5, 0x1000 * 8, MiB
     desc = hv[desc_gpa:desc_gpa + 16 * QSIZE].cast("Q")
     avail = hv[avail_gpa:avail_gpa + 6 + 2 * QSIZE].cast("H")
@@ -54,17 +41,17 @@ def run(name: str, *, indirect: bool, event_idx: bool, inflight: bool, batch: in
         if indirect:
             t = tables_gpa + 48 * r
             tv = hv[t:t + 48].cast("Q")
-            _desc(tv, 0, hdr, 16, DESC_F_NEXT, 1)
-            _desc(tv, 1, data, 4096, DESC_F_WRITE | DESC_F_NEXT, 2)
-            _desc(tv, 2, status, 1, DESC_F_WRITE)
+            write_desc(tv, 0, hdr, 16, DESC_F_NEXT, 1)
+            write_desc(tv, 1, data, 4096, DESC_F_WRITE | DESC_F_NEXT, 2)
+            write_desc(tv, 2, status, 1, DESC_F_WRITE)
             tv.release()
-            _desc(desc, r, t, 48, DESC_F_INDIRECT)
+            write_desc(desc, r, t, 48, DESC_F_INDIRECT)
             head = r
         else:
             head = 3 * r
-            _desc(desc, head, hdr, 16, DESC_F_NEXT, head + 1)
-            _desc(desc, head + 1, data, 4096, DESC_F_WRITE | DESC_F_NEXT, head + 2)
-            _desc(desc, head + 2, status, 1, DESC_F_WRITE)
+            write_desc(desc, head, hdr, 16, DESC_F_NEXT, head + 1)
+            write_desc(desc, head + 1, data, 4096, DESC_F_WRITE | DESC_F_NEXT, head + 2)
+            write_desc(desc, head + 2, status, 1, DESC_F_WRITE)
         avail[2 + r] = head
     for k in range(per, QSIZE):          # slots beyond `per` repeat the first chains
         avail[2 + k] = avail[2 + k % per]
@@ -116,7 +103,6 @@ def run(name: str, *, indirect: bool, event_idx: bool, inflight: bool, batch: in
     hv.release()
     mem.clear()
     host.close()
-    os.close(fd)
     print(f"{name:<34} {rate / 1e3:9.1f} k req/s  {1e6 / rate:6.2f} us/req")
     return rate
 
