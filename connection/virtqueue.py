@@ -778,6 +778,13 @@ class Virtqueue:
         return (self._shadow_avail - self._last_avail) & 0xFFFF
 
     @property
+    def waiting(self) -> int:
+        """Chains on the avail ring now (a fresh ``avail.idx`` read) and not
+        yet popped.  A hint only: the guest writes that index, so it may be
+        anything up to 65535."""
+        return (self._avail[1] - self._last_avail) & 0xFFFF
+
+    @property
     def inuse(self) -> int:
         """Chains popped and not yet given back with ``add_used``."""
         return self._inuse
