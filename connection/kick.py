@@ -17,7 +17,13 @@ its number here.  What it does own is everything about *waiting*:
   idea): the window grows (doubling, to at most ``poll_max_ns``) while the
   idle gaps (poll plus sleep, as QEMU's ``block_ns``) stay within
   ``POLL_BUSY_GAP_FACTOR`` times the bound, and drops to 0 after a longer gap;
-* a CPU test of that polling: the device's thread CPU per request served is
+* one poll for all the queues of a loop (``PollGroup``): a queue that
+  polls also watches the rings of the loop's queues that sleep, with
+  their kicks off for its window, and serves one that moves from inside
+  the window; at its end it turns their kicks back on and re-checks their
+  rings;
+* a CPU test of that polling, per loop (the thread's, over all its
+  queues): the thread CPU per request served is
   measured over epochs of ``POLL_EPOCH`` requests, apart for epochs that
   polled and epochs that only slept; when a polling epoch costs more per
   request than the last sleeping one (so the spin costs more CPU than the
@@ -37,7 +43,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+import weakref
 from collections.abc import Callable
+from typing import Any
 
 #: Adaptive polling of the avail ring before sleeping.  The bound must
 #: exceed one driver round trip (notify, wake-up of the driver's vCPU, its
@@ -90,6 +98,80 @@ _perf_ns = time.perf_counter_ns
 _thread_ns = time.thread_time_ns
 
 
+class PollGroup:
+    """The queues one event loop serves (one thread), seen from their polls.
+
+    Two things are shared by every queue on a loop, because they are facts
+    about the thread, not about a queue:
+
+    * the CPU test of polling (``epoch_end``): the thread's CPU
+      per request, over all its queues' requests, in polling epochs against
+      sleeping ones, and the back-off that follows a losing polling epoch.
+      Measured per queue, each queue's account would also carry the other
+      queues' work;
+    * the parked queues: those asleep with kicks armed and a serve hook
+      (``KickWaiter.park``).  A queue that polls watches their rings too and
+      serves one that moves from inside its window (``member.serve_parked()``),
+      instead of leaving that queue's kick waiting on a loop that is busy
+      spinning; for the window it turns their kicks off (``member.disarm()``)
+      and on again at its end (``member.rearm()``, which re-checks the ring
+      and serves what came in between), as QEMU's iothread polls all of its
+      handlers at once (benchmarks/README.md, "Two queues on one loop")."""
+
+    __slots__ = ("parked", "served", "spent", "cpu0", "sleep_cpu_ns", "poll_cpu_ns", "backoff", "off",
+                 "within", "__weakref__")
+
+    _by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PollGroup]" = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> "PollGroup":
+        """The group of ``loop`` (made on first use, gone with the loop)."""
+        group = cls._by_loop.get(loop)
+        if group is None:
+            group = cls._by_loop[loop] = cls()
+        return group
+
+    def __init__(self) -> None:
+        #: Parked queues: their KickWaiter -> the queue (``serve_parked``,
+        #: ``parked_ring``, ``disarm``, ``rearm``).
+        self.parked: dict[KickWaiter, Any] = {}
+        self.served = 0          # requests served in this epoch (all queues)
+        self.spent = 0           # ns spun in this epoch (all queues)
+        self.cpu0 = _thread_ns()  # thread CPU at the epoch's start
+        #: Thread CPU per request of the last epoch that only slept, and of
+        #: the last one that polled (None: not measured yet).
+        self.sleep_cpu_ns: int | None = None
+        self.poll_cpu_ns: int | None = None
+        self.backoff = 0         # sleeps left without polling
+        self.off = 0             # length of the last back-off
+        self.within = 0          # polling epochs in a row that won
+
+    def epoch_end(self) -> bool:
+        """Close the epoch: record its CPU per request; True if polling lost
+        (then polling is off for a back-off)."""
+        now = _thread_ns()
+        per = (now - self.cpu0) // self.served
+        self.cpu0 = now
+        polled = self.spent
+        spin = polled // self.served
+        self.spent = self.served = 0
+        if not polled:
+            self.sleep_cpu_ns = per
+            return False
+        self.poll_cpu_ns = per
+        sleep = self.sleep_cpu_ns
+        if per > sleep if sleep is not None else spin > POLL_SPIN_BUDGET_NS:
+            # Polling costs more than the wake-ups it saves: stop, and
+            # probe again after a back-off that grows while this lasts.
+            self.within = 0
+            self.off = self.backoff = min(POLL_BACKOFF_MAX, max(POLL_BACKOFF_MIN, self.off * 2))
+            return True
+        self.within += 1
+        if self.within >= POLL_BACKOFF_RESET:
+            self.off = 0
+        return False
+
+
 class KickWaiter:
     """The kick side of one running queue: reader callback, sleep, poll.
 
@@ -97,9 +179,8 @@ class KickWaiter:
     ``on_error(reason)`` instead when the fd cannot be drained (the reader is
     then already removed, so a broken fd cannot spin the loop)."""
 
-    __slots__ = ("loop", "fd", "poll_ns", "poll_max_ns", "kicked", "_waiter", "_reader_fd", "_idle_t0",
-                 "_on_kick", "_on_error", "_spun", "_spent", "_served", "_poll_last", "_backoff", "_off",
-                 "_within", "_ones", "_cpu0", "sleep_cpu_ns", "poll_cpu_ns")
+    __slots__ = ("loop", "fd", "group", "poll_ns", "poll_max_ns", "kicked", "_waiter", "_reader_fd", "_idle_t0",
+                 "_on_kick", "_on_error", "_spun", "_poll_last", "_ones")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int | None,
                  on_kick: Callable[[], None], on_error: Callable[[str], None]) -> None:
@@ -114,18 +195,10 @@ class KickWaiter:
         self._reader_fd: int | None = None
         #: Start of the current idle gap (perf_counter_ns, before the poll).
         self._idle_t0 = 0
+        #: The loop's queues: the shared CPU test and the parked queues.
+        self.group = PollGroup.of(loop)
         self._spun = 0           # ns spun by the last poll, not yet charged
-        self._spent = 0          # ns spun in this epoch
-        self._served = 0         # requests served in this epoch
         self._poll_last: int | None = None   # avail index at the last poll
-        self._backoff = 0        # sleeps left without polling
-        self._off = 0            # length of the last back-off
-        self._within = 0         # polling epochs in a row that won
-        self._cpu0 = _thread_ns()   # thread CPU at the epoch's start
-        #: Thread CPU per request of the last epoch that only slept, and of
-        #: the last one that polled (None: not measured yet).
-        self.sleep_cpu_ns: int | None = None
-        self.poll_cpu_ns: int | None = None
         self._ones = 0           # reads of exactly 1 since the last full drain (modulo KICK_CHECK_EVERY)
         self._on_kick = on_kick
         self._on_error = on_error
@@ -139,6 +212,7 @@ class KickWaiter:
             self._reader_fd = self.fd
 
     def unwatch(self) -> None:
+        self.group.parked.pop(self, None)
         fd = self._reader_fd
         if fd is not None:
             self._reader_fd = None
@@ -205,8 +279,17 @@ class KickWaiter:
         w = self._waiter
         return w is not None and not w.done()
 
+    def park(self, queue: Any) -> None:
+        """The queue sleeps with kicks armed and can be served from another
+        queue's poll (``PollGroup``) until ``unpark`` or ``wake``."""
+        self.group.parked[self] = queue
+
+    def unpark(self) -> None:
+        self.group.parked.pop(self, None)
+
     def wake(self, kicked: bool) -> None:
         """Wake the sleeping task; ``kicked`` says the ring may hold work."""
+        self.group.parked.pop(self, None)
         if kicked:
             self.kicked = True
         w = self._waiter
@@ -226,66 +309,79 @@ class KickWaiter:
                 await fut
         finally:
             self._waiter = None
+            self.group.parked.pop(self, None)
 
     # --------------------------------------------------------------- polling
 
     def poll(self, avail: memoryview, last: int) -> bool:
         """Spin on ``avail[1]`` (avail.idx) for up to ``poll_ns``; True if it
         moved from ``last`` (the next avail index to serve).  Starts the
-        idle-gap clock either way.
+        idle-gap clock either way.  While it spins, the loop's parked queues
+        are watched and served too (``PollGroup``).
 
         First the previous poll's spin and the requests served since
-        (``last`` minus the index then) go to the epoch's account; at the
-        end of an epoch, a polling epoch that cost more CPU per request
-        than sleeping turns polling off for a back-off (see the module
+        (``last`` minus the index then) go to the group's epoch; at the end
+        of an epoch, a polling epoch that cost more CPU per request than
+        sleeping turns polling off for a back-off (see the module
         docstring)."""
         t0 = self._idle_t0 = _perf_ns()
+        group = self.group
         prev = self._poll_last
         self._poll_last = last
         if prev is not None:
-            self._served += (last - prev) & 0xFFFF
+            group.served += (last - prev) & 0xFFFF
         if self._spun:
-            self._spent += self._spun
+            group.spent += self._spun
             self._spun = 0
-        if self._served >= POLL_EPOCH and self._epoch_end():
+        if group.served >= POLL_EPOCH and group.epoch_end():
+            self.poll_ns = 0
             return False
         window = self.poll_ns
-        if window:
-            deadline = t0 + window
-            while avail[1] == last:
+        if not window or group.backoff:
+            return False
+        deadline = t0 + window
+        if group.parked:
+            return self._poll_group(avail, last, t0, deadline)
+        while avail[1] == last:
+            now = _perf_ns()
+            if now >= deadline:
+                self._spun = now - t0
+                return False
+        self._spun = _perf_ns() - t0
+        return True
+
+    def _poll_group(self, avail: memoryview, last: int, t0: int, deadline: int) -> bool:
+        """``poll`` with parked queues on the loop: their kicks are off while
+        this spins, and one whose ring moves is served from here (time not
+        charged as spin); at the end each is re-armed (and served again if
+        its ring moved meanwhile)."""
+        parked = self.group.parked
+        members = list(parked.values())
+        for q in members:
+            q.disarm()
+        busy = 0
+        moved = False
+        try:
+            rings = [(q, *q.parked_ring) for q in members]
+            while True:
+                if avail[1] != last:
+                    moved = True
+                    break
+                for q, other, seen in rings:
+                    if other[1] != seen:
+                        s0 = _perf_ns()
+                        q.serve_parked()
+                        busy += _perf_ns() - s0
+                        rings = [(q, *q.parked_ring) for q in parked.values()]
+                        break
                 now = _perf_ns()
                 if now >= deadline:
-                    self._spun = now - t0
-                    return False
-            self._spun = _perf_ns() - t0
-            return True
-        return False
-
-    def _epoch_end(self) -> bool:
-        """Close the epoch: record its CPU per request; True if polling lost
-        (then it is off, for a back-off)."""
-        now = _thread_ns()
-        per = (now - self._cpu0) // self._served
-        self._cpu0 = now
-        polled = self._spent
-        spin = polled // self._served
-        self._spent = self._served = 0
-        if not polled:
-            self.sleep_cpu_ns = per
-            return False
-        self.poll_cpu_ns = per
-        sleep = self.sleep_cpu_ns
-        if per > sleep if sleep is not None else spin > POLL_SPIN_BUDGET_NS:
-            # Polling costs more than the wake-ups it saves: stop, and
-            # probe again after a back-off that grows while this lasts.
-            self._within = 0
-            self.poll_ns = 0
-            self._off = self._backoff = min(POLL_BACKOFF_MAX, max(POLL_BACKOFF_MIN, self._off * 2))
-            return True
-        self._within += 1
-        if self._within >= POLL_BACKOFF_RESET:
-            self._off = 0
-        return False
+                    break
+        finally:
+            for q in list(parked.values()):
+                q.rearm()
+        self._spun = max(_perf_ns() - t0 - busy, 0)
+        return moved
 
     def slept(self) -> None:
         """Adapt the window to the idle gap that just ended: grow it when the
@@ -294,8 +390,9 @@ class KickWaiter:
         close), drop it to 0 after a longer one (idle); keep it at 0 during
         a back-off."""
         bound = self.poll_max_ns
-        if self._backoff:
-            self._backoff -= 1
+        group = self.group
+        if group.backoff:
+            group.backoff -= 1
             self.poll_ns = 0
         elif _perf_ns() - self._idle_t0 > bound * POLL_BUSY_GAP_FACTOR:
             self.poll_ns = 0

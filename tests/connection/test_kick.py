@@ -92,10 +92,10 @@ def test_polling_that_costs_less_than_measured_sleeping_stays_on() -> None:
         last += 1
         avail[1] = last
         k.poll(avail, last)
-    assert k.sleep_cpu_ns is not None and k.sleep_cpu_ns >= 1_000_000
+    assert k.group.sleep_cpu_ns is not None and k.group.sleep_cpu_ns >= 1_000_000
     _fail_window(k, avail, last, OVER)         # 2.56 ms over the next 64 requests: 40 us each
     _epoch_served(k, avail, last)
-    assert k.poll_cpu_ns is not None and k.poll_cpu_ns < k.sleep_cpu_ns
+    assert k.group.poll_cpu_ns is not None and k.group.poll_cpu_ns < k.group.sleep_cpu_ns
     assert k.poll_ns == OVER
 
 
@@ -108,8 +108,8 @@ def test_polling_that_costs_more_than_measured_sleeping_backs_off() -> None:
         last += 1
         avail[1] = last
         k.poll(avail, last)
-    assert k.sleep_cpu_ns is not None
-    window = 8 * POLL_EPOCH * max(k.sleep_cpu_ns, 1_000)   # 8x what sleeping cost per request
+    assert k.group.sleep_cpu_ns is not None
+    window = 8 * POLL_EPOCH * max(k.group.sleep_cpu_ns, 1_000)   # 8x what sleeping cost per request
     _fail_window(k, avail, last, window)
     _epoch_served(k, avail, last)
     assert k.poll_ns == 0
@@ -138,7 +138,7 @@ def test_no_window_no_charge() -> None:
         assert k.poll(avail, last) is False
         k.slept()
         assert k.poll_ns == 0
-    assert k.poll_cpu_ns is None
+    assert k.group.poll_cpu_ns is None
     k.poll_max_ns = 1_000_000                   # polling allowed again: no back-off was charged
     assert k.poll(avail, 3 * POLL_EPOCH) is False
     k.slept()

@@ -23,7 +23,7 @@ from connection.inflight import InflightQueue
 from connection.memory import GuestMemory
 from connection.protocol import MemoryRegion, VirtioFeature, VringAddr
 from connection.split_ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, vring_need_event
-from connection.virtqueue import DescriptorChain, QueueConfig, Virtqueue
+from connection.virtqueue import DescriptorChain, QueueConfig, Virtqueue, fence
 
 KiB, MiB = 1 << 10, 1 << 20
 INDIRECT = int(VirtioFeature.RING_INDIRECT_DESC)
@@ -885,6 +885,130 @@ def test_polling_finds_work_without_a_kick(setup):
         assert time.monotonic() - t0 < 1.5
         assert q.pop() is not None
         assert eventfd_count(setup.kick[0]) == 0
+
+    setup.run(scenario())
+
+
+def _pop_all(q):
+    """A serve hook: pop everything, complete it, publish."""
+    served = []
+
+    def hook():
+        while (chain := q.pop()) is not None:
+            served.append(chain.head)
+            q.add_used(chain.head, 0)
+        q.flush()
+    return hook, served
+
+
+def test_a_polling_queue_serves_a_parked_one(setup):
+    """Two queues on one loop: while queue 0 spins in its poll window, queue
+    1 (asleep, kicks armed) is watched too.  Its kicks are off for the
+    window (the driver's own check says no kick is needed), a request on it
+    is served from inside queue 0's window, and when the window ends its
+    kicks are armed again (avail_event at its next index)."""
+    q0, ring0 = setup.queue(features=EVENT_IDX)
+    q1, ring1 = setup.queue(features=EVENT_IDX)
+    buf0, buf1 = setup.guest.alloc(64), setup.guest.alloc(64)
+    hook, served = _pop_all(q1)
+    q1.serve_hook = hook
+    seen = {}
+
+    def driver():
+        time.sleep(0.02)
+        old = ring1.avail[1]
+        ring1.chain([(buf1, 64, True)])
+        fence()
+        seen["kick_needed"] = vring_need_event(ring1.avail_event, ring1.avail[1], old)
+        deadline = time.monotonic() + 5
+        while not served and time.monotonic() < deadline:
+            time.sleep(0.001)
+        seen["served_before_q0"] = list(served)
+        ring0.chain([(buf0, 64, True)])
+
+    async def scenario():
+        assert await q0.wait_kick() and await q1.wait_kick()   # the first wait returns at once
+        sleeper = asyncio.ensure_future(q1.wait_kick())
+        await asyncio.sleep(0)                                  # queue 1 re-arms, parks, sleeps
+        assert not sleeper.done()
+        assert ring1.avail_event == q1.last_avail_idx
+        q0.poll_max_ns = q0.poll_ns = 2_000_000_000
+        t = threading.Thread(target=driver)
+        t.start()
+        assert await asyncio.wait_for(q0.wait_kick(), 10) is True   # found by the poll
+        t.join()
+        assert q0.pop() is not None
+        assert seen["kick_needed"] is False, "queue 1's kicks were not off during the window"
+        assert len(seen["served_before_q0"]) == 1, "queue 1 was not served from queue 0's window"
+        assert ring1.get_used() == [(served[0], 0)]
+        assert ring1.avail_event == q1.last_avail_idx == 1, "queue 1 not re-armed at the window's end"
+        assert eventfd_count(setup.kick[1]) == 0
+        assert not sleeper.done(), "queue 1's task stays asleep: it was served, not woken"
+        q1.mark_broken("test end")
+        assert await asyncio.wait_for(sleeper, 1) is False
+
+    setup.run(scenario())
+
+
+class _RequestAtRearm(Virtqueue):
+    """A queue whose driver publishes a request just as the watching poll
+    re-arms its kicks (after the poll's last look at the ring)."""
+
+    __slots__ = ()
+    publish = None
+
+    def _arm_notify(self) -> None:
+        publish, type(self).publish = type(self).publish, None
+        if publish is not None:
+            publish()
+        super()._arm_notify()
+
+
+def test_a_request_between_window_and_rearm_is_served(setup):
+    """The re-arm re-checks the ring after its fence: a request published
+    after the window's last look but before kicks were on again is served
+    then (no kick will ever come for it)."""
+    q0, ring0 = setup.queue(features=EVENT_IDX)
+    q1, ring1 = setup.queue(features=EVENT_IDX)
+    buf1 = setup.guest.alloc(64)
+    hook, served = _pop_all(q1)
+    q1.serve_hook = hook
+
+    async def scenario():
+        await q0.wait_kick()
+        await q1.wait_kick()
+        sleeper = asyncio.ensure_future(q1.wait_kick())
+        await asyncio.sleep(0)                          # queue 1 parked
+        q1.__class__ = _RequestAtRearm
+        _RequestAtRearm.publish = lambda: ring1.chain([(buf1, 64, True)])
+        q0.poll_max_ns = q0.poll_ns = 1_000             # a window that expires at once
+        waiter = asyncio.ensure_future(q0.wait_kick())
+        await asyncio.sleep(0.01)
+        assert _RequestAtRearm.publish is None, "the re-arm did not run"
+        assert len(served) == 1 and ring1.get_used() == [(served[0], 0)]
+        assert ring1.avail_event == q1.last_avail_idx == 1
+        for q in (q0, q1):
+            q.mark_broken("test end")
+        assert await asyncio.wait_for(sleeper, 1) is False
+        assert await asyncio.wait_for(waiter, 1) is False
+
+    setup.run(scenario())
+
+
+def test_stopped_queue_is_not_watched(setup):
+    """A stopped queue leaves the group: nothing reads its ring afterwards."""
+    q0, _ = setup.queue(features=EVENT_IDX)
+    q1, _ = setup.queue(features=EVENT_IDX)
+    q1.serve_hook = lambda: None
+
+    async def scenario():
+        await q1.wait_kick()
+        sleeper = asyncio.ensure_future(q1.wait_kick())
+        await asyncio.sleep(0)
+        assert q1 in q0._kick.group.parked.values()
+        setup.configs[1].stop()
+        assert await asyncio.wait_for(sleeper, 1) is False
+        assert q1 not in q0._kick.group.parked.values()
 
     setup.run(scenario())
 
