@@ -116,7 +116,7 @@ class PollGroup:
       spinning; for the window it turns their kicks off (``member.disarm()``)
       and on again at its end (``member.rearm()``, which re-checks the ring
       and serves what came in between), as QEMU's iothread polls all of its
-      handlers at once (benchmarks/README.md, "Two queues on one loop")."""
+      handlers at once (benchmarks/README.md, change 5, "One poll for the queues of a loop")."""
 
     __slots__ = ("parked", "served", "spent", "cpu0", "sleep_cpu_ns", "poll_cpu_ns", "backoff", "off",
                  "within", "__weakref__")

@@ -80,8 +80,8 @@ FLUSH_BYTES = 64 << 10
 #: once per batch (at one half: up to 2.5x as often, and 1.3-1.5x qsd's
 #: client CPU per I/O at 1 MiB).  Small requests never reach the byte bound:
 #: waking a driver twice per batch of 4 KiB requests costs more than it
-#: saves (see ``_serve``).  benchmarks/README.md, "Notifying before the end
-#: of a batch of large requests".
+#: saves (see ``_serve``).  benchmarks/README.md, block matrix, change 4
+#: ("Large requests: a notification before the batch runs out").
 NOTIFY_BYTES = 512 << 10
 NOTIFY_AHEAD = 3
 #: Reads past our config fields (secure-erase, zoned) return zeros, up to
