@@ -950,6 +950,44 @@ def test_a_polling_queue_serves_a_parked_one(setup):
     setup.run(scenario())
 
 
+def test_a_parked_queue_that_breaks_inside_a_window_leaves_the_group(setup):
+    """A guest that publishes a malformed chain on a parked queue while
+    another queue's window watches it breaks that queue only: it leaves the
+    group, its task wakes and ends, and the window goes on serving its own
+    queue."""
+    q0, ring0 = setup.queue(features=EVENT_IDX)
+    q1, ring1 = setup.queue(features=EVENT_IDX)
+    buf0 = setup.guest.alloc(64)
+    hook, served = _pop_all(q1)
+    q1.serve_hook = hook
+
+    def driver():
+        time.sleep(0.02)
+        ring1.put(ring1.size + 3)             # a head out of range
+        deadline = time.monotonic() + 5
+        while not q1.broken and time.monotonic() < deadline:
+            time.sleep(0.001)
+        ring0.chain([(buf0, 64, True)])
+
+    async def scenario():
+        await q0.wait_kick()
+        await q1.wait_kick()
+        sleeper = asyncio.ensure_future(q1.wait_kick())
+        await asyncio.sleep(0)
+        q0.poll_max_ns = q0.poll_ns = 2_000_000_000
+        t = threading.Thread(target=driver)
+        t.start()
+        assert await asyncio.wait_for(q0.wait_kick(), 10) is True
+        t.join()
+        assert q1.broken and "out of range" in q1.broken_reason
+        assert q1 not in q0._kick.group.parked.values()
+        assert await asyncio.wait_for(sleeper, 1) is False
+        assert q0.pop() is not None and not q0.broken
+        assert served == []
+
+    setup.run(scenario())
+
+
 class _RequestAtRearm(Virtqueue):
     """A queue whose driver publishes a request just as the watching poll
     re-arms its kicks (after the poll's last look at the ring)."""
