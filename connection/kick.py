@@ -110,7 +110,7 @@ class PollGroup:
       Measured per queue, each queue's account would also carry the other
       queues' work;
     * the parked queues: those asleep with kicks armed and a serve hook
-      (``KickWaiter.park``).  A queue that polls watches their rings too and
+      (the queue stores itself in ``parked``, keyed by its KickWaiter).  A queue that polls watches their rings too and
       serves one that moves from inside its window (``member.serve_parked()``),
       instead of leaving that queue's kick waiting on a loop that is busy
       spinning; for the window it turns their kicks off (``member.disarm()``)
@@ -279,14 +279,6 @@ class KickWaiter:
         w = self._waiter
         return w is not None and not w.done()
 
-    def park(self, queue: Any) -> None:
-        """The queue sleeps with kicks armed and can be served from another
-        queue's poll (``PollGroup``) until ``unpark`` or ``wake``."""
-        self.group.parked[self] = queue
-
-    def unpark(self) -> None:
-        self.group.parked.pop(self, None)
-
     def wake(self, kicked: bool) -> None:
         """Wake the sleeping task; ``kicked`` says the ring may hold work."""
         self.group.parked.pop(self, None)
@@ -362,7 +354,7 @@ class KickWaiter:
         busy = 0
         moved = False
         try:
-            rings = [(q, *q.parked_ring) for q in members]
+            rings = [(q, *q.parked_ring()) for q in members]
             while True:
                 if avail[1] != last:
                     moved = True
@@ -372,7 +364,7 @@ class KickWaiter:
                         s0 = _perf_ns()
                         q.serve_parked()
                         busy += _perf_ns() - s0
-                        rings = [(q, *q.parked_ring) for q in parked.values()]
+                        rings = [(q, *q.parked_ring()) for q in parked.values()]
                         break
                 now = _perf_ns()
                 if now >= deadline:

@@ -287,7 +287,7 @@ class Virtqueue:
                  "_notify_on_empty", "_max_indirect", "_mask", "_used_event_i", "_avail_event_i",
                  "_desc", "_avail", "_used_h", "_used_ring", "_addr", "_ready", "_stopped",
                  "_last_avail", "_shadow_avail", "_used_idx", "_used_shadow", "_signalled", "_inuse",
-                 "_resubmit", "_batch", "parked_ring")
+                 "_resubmit", "_batch", "_parked")
 
     def __init__(self, config: QueueConfig, mem: GuestMemory, features: int) -> None:
         self.index = config.index
@@ -333,9 +333,9 @@ class Virtqueue:
         self._inuse = 0              # popped, not yet add_used
         self._resubmit: list[int] = []   # inflight heads, highest counter first
         self._batch: list[int] = []      # heads of the unpublished batch (inflight only)
-        #: (avail ring view, next avail index) while parked: what another
-        #: queue's poll watches (``connection.kick.PollGroup``).
-        self.parked_ring: tuple[memoryview, int] = (self._avail, self._last_avail)
+        #: The loop's parked queues (``connection.kick.PollGroup.parked``),
+        #: kept here: parking is a dict store on every wake-up.
+        self._parked = self._kick.group.parked
         if self._inflight is not None:
             self._recover_inflight(self._inflight)
         self._suppress_notify()  # busy until the first wait_kick sleeps
@@ -400,8 +400,6 @@ class Virtqueue:
                 self.map_rings(self._addr)
             except ProtocolError as exc:
                 self.mark_broken(str(exc))
-                return
-            self.parked_ring = (self._avail, self._last_avail)
 
     def stop(self) -> int:
         """End this ring (called by ``QueueConfig.stop``, not by devices):
@@ -422,7 +420,6 @@ class Virtqueue:
         self._kick.fd = self._call_fd = self._err_fd = None
         self._inflight = None
         self._desc, self._avail, self._used_h, self._used_ring = _NO_BYTES, _NO_U16, _NO_U16, _NO_U64
-        self.parked_ring = (_NO_U16, 0)
         self._resubmit = []
         self._batch = []
         self._inuse = 0
@@ -661,8 +658,7 @@ class Virtqueue:
         if self._work_before_sleep():
             return True
         if self.serve_hook is not None and kick.fd is not None:
-            self.parked_ring = (self._avail, self._last_avail)
-            kick.park(self)
+            self._parked[kick] = self
         await kick.sleep(self._idle)
         kick.slept()
         if not self._ready:
@@ -707,7 +703,7 @@ class Virtqueue:
         breaks this queue only (as the device's task guard does); breaking
         or stopping wakes the task, which then ends."""
         kick = self._kick
-        kick.unpark()
+        self._parked.pop(kick, None)
         kick.slept()
         kick.kicked = False
         self._suppress_notify()
@@ -723,8 +719,7 @@ class Virtqueue:
             log.error("%squeue %d serving failed: %r; queue marked broken", self._prefix(), self.index, exc)
             self.mark_broken(f"device error: {exc!r}")
             return
-        self.parked_ring = (self._avail, self._last_avail)
-        kick.park(self)
+        self._parked[kick] = self   # asleep, kicks armed: another queue's poll may serve it
 
     # Parked: asleep with kicks armed, watched by another queue's poll
     # (connection.kick.PollGroup), which calls these three.
@@ -735,7 +730,7 @@ class Virtqueue:
         hook = self.serve_hook
         kick = self._kick
         if hook is None or not self._ready or self._resubmit or not kick.sleeping:
-            kick.unpark()
+            self._parked.pop(kick, None)
             return
         self._suppress_notify()
         try:
@@ -746,8 +741,6 @@ class Virtqueue:
             return
         if not self._ready or self.serve_hook is not hook:
             kick.wake(kicked=True)  # broken (already woken) or hook withdrawn
-            return
-        self.parked_ring = (self._avail, self._last_avail)
 
     def disarm(self) -> None:
         """Kicks off while another queue's poll watches this ring: an
@@ -763,13 +756,16 @@ class Virtqueue:
     def rearm(self) -> None:
         """The watching poll ends: kicks on again, then (fence) a re-check of
         the ring, serving what came in while they were off."""
-        while self._ready and self._kick in self._kick.group.parked:
+        while self._ready and self._kick in self._parked:
             self._arm_notify()
             fence()
             if self._avail[1] == self._last_avail:
-                self.parked_ring = (self._avail, self._last_avail)
                 return
             self.serve_parked()
+
+    def parked_ring(self) -> tuple[memoryview, int]:
+        """(avail ring view, next avail index): what a watching poll compares."""
+        return self._avail, self._last_avail
 
     def _kick_failed(self, reason: str) -> None:
         self.mark_broken(reason)
