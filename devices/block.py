@@ -362,22 +362,26 @@ class BlockDevice(QueueTaskDevice):
                 add_used(chain.head, written)
                 n += 1
                 moved += written + chain.readable_len
-                if n >= MAX_BATCH or (moved - told >= NOTIFY_BYTES and n >= queue.waiting * NOTIFY_AHEAD):
-                    flush()
-                    told = moved
-                    reqs += n
-                    if timed:   # the drain's first batch only: later ones arrived after t0
-                        dt = monotonic_ns() - t0
-                        tally[LATENCY_SUM] += dt * n
-                        tally[(HIST if dt <= b0 else HIST + 1) if dt <= b1 else
-                              (HIST + 2 if dt <= b2 else HIST + 3 if dt <= b3 else HIST + 4 if dt <= b4
-                               else HIST + 5)] += n
-                        timed = False
-                    n = 0
+                if n < MAX_BATCH:
+                    if moved - mark < FLUSH_BYTES:
+                        continue
                     mark = moved
-                elif moved - mark >= FLUSH_BYTES:
-                    publish()
-                    mark = moved
+                    # Every FLUSH_BYTES: publish; a large batch three quarters
+                    # done also gets a notification decision (NOTIFY_BYTES).
+                    if moved - told < NOTIFY_BYTES or n < queue.waiting * NOTIFY_AHEAD:
+                        publish()
+                        continue
+                flush()
+                told = mark = moved
+                reqs += n
+                if timed:   # the drain's first batch only: later ones arrived after t0
+                    dt = monotonic_ns() - t0
+                    tally[LATENCY_SUM] += dt * n
+                    tally[(HIST if dt <= b0 else HIST + 1) if dt <= b1 else
+                          (HIST + 2 if dt <= b2 else HIST + 3 if dt <= b3 else HIST + 4 if dt <= b4
+                           else HIST + 5)] += n
+                    timed = False
+                n = 0
             flush()
             if n:
                 reqs += n
