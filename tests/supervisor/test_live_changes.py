@@ -148,9 +148,9 @@ def test_add_and_remove_leave_the_serving_device_alone(sup: SupervisorProc) -> N
     assert not os.path.exists(sup.path("b.sock"))
 
     wait_rounds(v, 20)
+    after = sup.status()["block-0"]   # before the front-end leaves (then the child ends)
     v.finish()
     assert not v.failures, v.failures
-    after = sup.status()["block-0"]
     assert after["pid"] == before["pid"] and after["restarts"] == before["restarts"]
     assert os.stat(a).st_ino == inode
     log = sup.read_log()
