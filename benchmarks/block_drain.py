@@ -22,11 +22,10 @@ import struct
 import time
 
 from connection.executor import Executor
-from connection.protocol import VirtioFeature, VringAddr
+from connection.protocol import VirtioFeature
 from connection.split_ring import DESC_F_NEXT, DESC_F_WRITE
-from connection.virtqueue import QueueConfig
 
-from .guest_ring import QVA, MiB, QSIZE, memfd_guest, write_desc
+from .guest_ring import MiB, QSIZE, memfd_guest, queue_config, write_desc
 
 T_IN = 0
 
@@ -59,14 +58,7 @@ def run(batch: int, seconds: float, repeat: int, requests: int = 0) -> float:
     ex = Executor()
     asyncio.set_event_loop(ex.loop)
     dev = BlockDevice(ex, "bench", img, 16 * MiB)
-    cfg = QueueConfig(0, QSIZE, ex.loop)
-    cfg.set_size(QSIZE)
-    cfg.set_addresses(VringAddr(0, 0, QVA + desc_gpa, QVA + used_gpa, QVA + avail_gpa, 0))
-    cfg.set_base(0)
-    call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    cfg.set_call_fd(call)
-    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    cfg.set_kick_fd(kick)
+    cfg, call, kick = queue_config(ex.loop, desc_gpa, avail_gpa, used_gpa)
     q = cfg.activate(mem, int(VirtioFeature.RING_EVENT_IDX | VirtioFeature.VERSION_1))
     dev.ack_features(int(VirtioFeature.VERSION_1))
     dev.start_queue(0, q, mem)

@@ -26,13 +26,12 @@ import tempfile
 import time
 
 from connection.executor import Executor
-from connection.protocol import VirtioFeature, VringAddr
+from connection.protocol import VirtioFeature
 from connection.split_ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
-from connection.virtqueue import QueueConfig
 from devices.block import BlockDevice
 from devices.virtio_blk import F_FLUSH, HEADER, T_IN, T_OUT
 
-from .guest_ring import QVA, MiB, QSIZE, memfd_guest, write_desc
+from .guest_ring import MiB, QSIZE, memfd_guest, queue_config, write_desc
 
 
 
@@ -97,14 +96,7 @@ def main() -> None:
         asyncio.set_event_loop(ex.loop)
         dev = BlockDevice(ex, "micro", os.dup(img.fileno()), args.image_mib * MiB)
         dev.ack_features(int(VirtioFeature.VERSION_1 | VirtioFeature.RING_EVENT_IDX) | F_FLUSH)
-        cfg = QueueConfig(0, QSIZE, ex.loop)
-        cfg.set_size(QSIZE)
-        cfg.set_addresses(VringAddr(0, 0, QVA + desc_gpa, QVA + used_gpa, QVA + avail_gpa, 0))
-        cfg.set_base(0)
-        call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        cfg.set_call_fd(call)
-        cfg.set_kick_fd(kick)
+        cfg, call, kick = queue_config(ex.loop, desc_gpa, avail_gpa, used_gpa)
         features = int(VirtioFeature.RING_EVENT_IDX | (VirtioFeature.RING_INDIRECT_DESC if args.indirect else 0))
         q = cfg.activate(mem, features)
         dev.poll_max_ns = 0   # start_queue gives the queue the device's bound: no polling here

@@ -11,8 +11,11 @@ from __future__ import annotations
 import mmap
 import os
 
+import asyncio
+
 from connection.memory import GuestMemory
-from connection.protocol import MemoryRegion
+from connection.protocol import MemoryRegion, VringAddr
+from connection.virtqueue import QueueConfig
 
 MiB = 1 << 20
 QSIZE = 256
@@ -37,3 +40,22 @@ def memfd_guest(size: int) -> tuple[mmap.mmap, memoryview, GuestMemory]:
     finally:
         os.close(fd)
     return host, memoryview(host), mem
+
+
+def queue_config(loop: asyncio.AbstractEventLoop, desc_gpa: int, avail_gpa: int, used_gpa: int, *,
+                 kick: bool = True) -> tuple[QueueConfig, int, int | None]:
+    """Queue 0 (``QSIZE`` entries) on rings at those guest addresses, with a
+    fresh call eventfd and, unless ``kick`` is False, a kick eventfd: the
+    configuration (which owns and closes both) and the two fd numbers, which
+    the caller uses as the driver's ends."""
+    cfg = QueueConfig(0, QSIZE, loop)
+    cfg.set_size(QSIZE)
+    cfg.set_addresses(VringAddr(0, 0, QVA + desc_gpa, QVA + used_gpa, QVA + avail_gpa, 0))
+    cfg.set_base(0)
+    call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    cfg.set_call_fd(call)
+    kick_fd = None
+    if kick:
+        kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        cfg.set_kick_fd(kick_fd)
+    return cfg, call, kick_fd

@@ -14,17 +14,15 @@ a busy neighbour on a shared machine skews them less than wall time would.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import uvloop
 
 from connection.inflight import InflightRegion
-from connection.protocol import VirtioFeature, VringAddr
+from connection.protocol import VirtioFeature
 from connection.split_ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
-from connection.virtqueue import QueueConfig
 
-from .guest_ring import QVA, MiB, QSIZE, memfd_guest, write_desc
+from .guest_ring import MiB, QSIZE, memfd_guest, queue_config, write_desc
 
 
 
@@ -56,13 +54,8 @@ def run(name: str, *, indirect: bool, event_idx: bool, inflight: bool, batch: in
     for k in range(per, QSIZE):          # slots beyond `per` repeat the first chains
         avail[2 + k] = avail[2 + k % per]
     loop = uvloop.new_event_loop()
-    cfg = QueueConfig(0, QSIZE, loop)
+    cfg, call, _ = queue_config(loop, desc_gpa, avail_gpa, used_gpa, kick=False)
     q = cfg
-    q.set_size(QSIZE)
-    q.set_addresses(VringAddr(0, 0, QVA + desc_gpa, QVA + used_gpa, QVA + avail_gpa, 0))
-    q.set_base(0)
-    call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    q.set_call_fd(call)
     region = InflightRegion.create(1, QSIZE) if inflight else None
     q.set_inflight(region.queue(0) if region else None)
     features = (VirtioFeature.RING_INDIRECT_DESC if indirect else 0) | \

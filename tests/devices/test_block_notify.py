@@ -18,11 +18,11 @@ import tempfile
 
 import pytest
 
-from benchmarks.guest_ring import QSIZE, QVA, MiB, memfd_guest, write_desc
+from benchmarks.guest_ring import QSIZE, MiB, memfd_guest, queue_config, write_desc
 from connection.executor import Executor
-from connection.protocol import VirtioFeature, VringAddr
+from connection.protocol import VirtioFeature
 from connection.split_ring import DESC_F_NEXT, DESC_F_WRITE
-from connection.virtqueue import QueueConfig, Virtqueue
+from connection.virtqueue import Virtqueue
 from devices.block import NOTIFY_BYTES, BlockDevice
 from devices.virtio_blk import F_FLUSH, HEADER, T_IN
 
@@ -70,13 +70,7 @@ def test_notifications_per_batch(size: int, expected: list[int]) -> None:
         asyncio.set_event_loop(ex.loop)
         dev = BlockDevice(ex, "notify", os.dup(img.fileno()), depth * size)
         dev.ack_features(int(VirtioFeature.VERSION_1 | VirtioFeature.RING_EVENT_IDX) | F_FLUSH)
-        cfg = QueueConfig(0, QSIZE, ex.loop)
-        cfg.set_size(QSIZE)
-        cfg.set_addresses(VringAddr(0, 0, QVA + DESC_GPA, QVA + USED_GPA, QVA + AVAIL_GPA, 0))
-        cfg.set_base(0)
-        call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        cfg.set_call_fd(os.dup(call))
-        cfg.set_kick_fd(os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC))
+        cfg, call, _ = queue_config(ex.loop, DESC_GPA, AVAIL_GPA, USED_GPA)
         try:
             q = cfg.activate(mem, int(VirtioFeature.RING_EVENT_IDX))
             q.__class__ = _Recording
@@ -100,7 +94,6 @@ def test_notifications_per_batch(size: int, expected: list[int]) -> None:
                 assert hv[DATA_GPA + r * stride + 4096:status] == img.read(size)
         finally:
             dev.stop_queue(0)
-            cfg.close()
-            os.close(call)
+            cfg.close()              # closes the call and kick fds too
             ex.loop.close()
             asyncio.set_event_loop(None)
