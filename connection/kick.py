@@ -110,13 +110,14 @@ class PollGroup:
       Measured per queue, each queue's account would also carry the other
       queues' work;
     * the parked queues: those asleep with kicks armed and a serve hook
-      (the queue stores itself in ``parked``, keyed by its KickWaiter).  A queue that polls watches their rings too and
-      serves one that moves from inside its window (``member.serve_parked()``),
-      instead of leaving that queue's kick waiting on a loop that is busy
-      spinning; for the window it turns their kicks off (``member.disarm()``)
-      and on again at its end (``member.rearm()``, which re-checks the ring
-      and serves what came in between), as QEMU's iothread polls all of its
-      handlers at once (benchmarks/README.md, change 5, "One poll for the queues of a loop")."""
+      (each stores itself in ``parked``, keyed by its KickWaiter).  A queue
+      that polls watches their rings too and serves one that moves from
+      inside its window (``member.serve_parked()``), instead of leaving that
+      queue's kick waiting on a loop that is busy spinning; for the window
+      it turns their kicks off (``member.disarm()``) and on again at its end
+      (``member.rearm()``, which re-checks the ring and serves what came in
+      between), as QEMU's iothread polls all of its handlers at once
+      (benchmarks/README.md, block matrix, change 5)."""
 
     __slots__ = ("parked", "served", "spent", "cpu0", "sleep_cpu_ns", "poll_cpu_ns", "backoff", "off",
                  "within", "__weakref__")
