@@ -34,7 +34,6 @@ from devices.virtio_blk import F_FLUSH, HEADER, T_IN, T_OUT
 from .guest_ring import MiB, QSIZE, memfd_guest, queue_config, write_desc
 
 
-
 def syscalls() -> int:
     with open("/proc/thread-self/io") as f:
         v = dict(line.split(": ") for line in f.read().splitlines())

@@ -8,10 +8,9 @@ guest and must build it the same way for their figures to compare.
 
 from __future__ import annotations
 
+import asyncio
 import mmap
 import os
-
-import asyncio
 
 from connection.memory import GuestMemory
 from connection.protocol import MemoryRegion, VringAddr

@@ -25,7 +25,6 @@ from connection.split_ring import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
 from .guest_ring import MiB, QSIZE, memfd_guest, queue_config, write_desc
 
 
-
 def run(name: str, *, indirect: bool, event_idx: bool, inflight: bool, batch: int, seconds: float,
         repeat: int = 5) -> float:
     size = 8 * MiB

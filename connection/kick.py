@@ -120,7 +120,7 @@ class PollGroup:
       (benchmarks/README.md, block matrix, change 5)."""
 
     __slots__ = ("parked", "served", "spent", "cpu0", "sleep_cpu_ns", "poll_cpu_ns", "backoff", "off",
-                 "within", "__weakref__")
+                 "within")
 
     _by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PollGroup]" = weakref.WeakKeyDictionary()
 

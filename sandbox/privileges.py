@@ -52,6 +52,15 @@ def can_map_ids() -> bool:
     return bool(prctl.cap_effective.setuid and prctl.cap_effective.setgid)
 
 
+def jails_take_configured_ids() -> bool:
+    """True if a jail gets the configured uid/gid rather than this process's
+    own: when we may map other ids, and also as root without that capability,
+    whose own id is 0 (writing the map then fails and the jail is refused:
+    never a device run as root by omission)."""
+
+    return can_map_ids() or os.geteuid() == 0
+
+
 def _err(step: str, e: BaseException) -> JailError:
     return JailError(step, getattr(e, "errno", 0) or 0, str(e))
 

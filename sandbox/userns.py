@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 
 from .config import JailConfig, JailError
-from .privileges import can_map_ids
+from .privileges import jails_take_configured_ids
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ def plan_ids(config: JailConfig) -> IdMap:
     Inside ids equal host ids so logs and /proc read the same on both sides.
     """
 
-    if can_map_ids() or os.geteuid() == 0:
+    if jails_take_configured_ids():
         return IdMap(config.uid, config.uid, config.gid, config.gid)
     return IdMap(os.geteuid(), os.geteuid(), os.getegid(), os.getegid())
 

@@ -274,8 +274,8 @@ class Supervisor:
         if mounts:
             import sandbox
             mounts = [m if isinstance(m, sandbox.BindMount) else sandbox.BindMount(*m) for m in mounts]
-        from sandbox.privileges import can_map_ids
-        if slot.uid is None and (can_map_ids() or os.geteuid() == 0):
+        from sandbox.privileges import jails_take_configured_ids
+        if slot.uid is None and jails_take_configured_ids():
             # Never a root device by omission: ids come from assign_ids().
             raise RuntimeError(f"device {slot.name}: no jail uid assigned (assign_ids() not called)")
         uid, gid = (slot.uid, slot.gid) if slot.uid is not None else (os.geteuid(), os.getegid())
