@@ -29,7 +29,9 @@ its number here.  What it does own is everything about *waiting*:
   request than the last sleeping one (so the spin costs more CPU than the
   wake-ups it saves), polling stops for ``POLL_BACKOFF_MIN`` sleeps (at
   least an epoch, which measures sleeping again), doubling up to
-  ``POLL_BACKOFF_MAX`` while it keeps happening.  Before any sleeping epoch
+  ``POLL_BACKOFF_MAX`` while it keeps happening.  A polling epoch that has
+  already cost more than a whole sleeping epoch ends there, lost, instead
+  of spinning on to its last request.  Before any sleeping epoch
   was measured, ``POLL_SPIN_BUDGET_NS`` of spinning per request stands in
   for the cost of a wake-up.  A driver whose next request comes later than
   a wake-up's worth of spinning (a TCG guest; any guest on an
@@ -86,7 +88,7 @@ POLL_BACKOFF_MAX = 8192
 POLL_BACKOFF_RESET = 4
 #: Without a kick fd (NOFD flag) the ring is polled at this period.
 NOFD_POLL_PERIOD = 0.001
-#: Reads of the kick fd in a full drain (see ``KickWaiter.drain``): a
+#: Reads of the kick fd in a full drain (see ``KickWaiter.consume``): a
 #: legitimate front-end cannot kick between our reads this many times in a
 #: row.
 KICK_READS_PER_WAKE = 64
@@ -120,7 +122,7 @@ class PollGroup:
       (benchmarks/README.md, block matrix, change 5)."""
 
     __slots__ = ("parked", "served", "spent", "cpu0", "sleep_cpu_ns", "poll_cpu_ns", "backoff", "off",
-                 "within")
+                 "within", "doomed_at")
 
     _by_loop: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, PollGroup]" = weakref.WeakKeyDictionary()
 
@@ -146,18 +148,34 @@ class PollGroup:
         self.backoff = 0         # sleeps left without polling
         self.off = 0             # length of the last back-off
         self.within = 0          # polling epochs in a row that won
+        #: ns of spin past which a polling epoch cannot win any more
+        #: (``doomed``): what a whole epoch of sleeping costs.
+        self.doomed_at = POLL_EPOCH * POLL_SPIN_BUDGET_NS
+
+    def doomed(self) -> bool:
+        """This polling epoch has already cost more CPU than a whole epoch of
+        sleeping: whatever its remaining requests cost, it loses, so it ends
+        now instead of spinning on to ``POLL_EPOCH`` requests (in a TCG
+        guest, a probe that ran its whole epoch cost ~6 ms of spin).  The
+        spin is wall time and may include time this thread was preempted,
+        so against a measured sleeping epoch the thread's CPU decides."""
+        if self.sleep_cpu_ns is None:   # the fallback compares spin only
+            return True
+        return _thread_ns() - self.cpu0 > self.doomed_at
 
     def epoch_end(self) -> bool:
         """Close the epoch: record its CPU per request; True if polling lost
         (then polling is off for a back-off)."""
         now = _thread_ns()
-        per = (now - self.cpu0) // self.served
+        served = self.served or 1
+        per = (now - self.cpu0) // served
         self.cpu0 = now
         polled = self.spent
-        spin = polled // self.served
+        spin = polled // served
         self.spent = self.served = 0
         if not polled:
             self.sleep_cpu_ns = per
+            self.doomed_at = POLL_EPOCH * max(per, 1)
             return False
         self.poll_cpu_ns = per
         sleep = self.sleep_cpu_ns
@@ -176,15 +194,17 @@ class PollGroup:
 class KickWaiter:
     """The kick side of one running queue: reader callback, sleep, poll.
 
-    ``on_kick()`` runs from the reader callback once the fd was drained;
-    ``on_error(reason)`` instead when the fd cannot be drained (the reader is
-    then already removed, so a broken fd cannot spin the loop)."""
+    ``on_kick(sleeping)`` runs from the reader callback (``sleeping``: the
+    serving task is asleep in ``sleep``); it must call ``consume()`` before
+    it next re-arms kicks.  ``on_error(reason)`` runs from ``consume`` when
+    the fd cannot be emptied (the reader is then already removed, so a
+    broken fd cannot spin the loop)."""
 
     __slots__ = ("loop", "fd", "group", "poll_ns", "poll_max_ns", "kicked", "_waiter", "_reader_fd", "_idle_t0",
                  "_on_kick", "_on_error", "_spun", "_poll_last", "_ones")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int | None,
-                 on_kick: Callable[[], None], on_error: Callable[[str], None]) -> None:
+                 on_kick: Callable[[bool], None], on_error: Callable[[str], None]) -> None:
         self.loop = loop
         self.fd = fd
         #: Current and maximum poll window (0 disables polling).
@@ -230,8 +250,9 @@ class KickWaiter:
             self.watch()
         self.wake(kicked=True)
 
-    def drain(self) -> str | None:
-        """Empty the kick fd; None when drained, else why it could not be.
+    def consume(self) -> bool:
+        """Empty the kick fd; False (the fd unwatched and ``on_error`` told
+        why) when it cannot be emptied.
 
         A counter-mode eventfd (what every front-end sends) is empty after
         one read, so one read is all a wake-up costs.  A read of exactly 1
@@ -241,36 +262,47 @@ class KickWaiter:
         is reported (at most that many wake-ups of spinning first).  The
         read that finds the fd empty raises an OSError, whose construction
         (strerror decoded to text) costs about as much as the read; doing
-        it on every wake-up was ~3 % of a queue-depth-1 request."""
+        it on every wake-up was ~3 % of a queue-depth-1 request.
+
+        The queue calls this once it has served the request the kick was
+        for (``Virtqueue._on_kick``), before it re-arms kicks and re-checks
+        the ring: a kick consumed then cannot hide a request."""
         fd = self.fd
         if fd is None:
-            return None
+            return True
         read = os.read
+        reason = None
         for i in range(KICK_READS_PER_WAKE):
             try:
                 data = read(fd, 8)
             except BlockingIOError:
-                return None
+                return True
             except OSError as exc:
-                return f"reading kick fd {fd}: {exc}"
+                reason = f"reading kick fd {fd}: {exc}"
+                break
             if data != _ONE:
                 # A counter-mode eventfd hands over its whole count (> 1) and
                 # is empty now; a semaphore-mode one always reads 1.
-                return None if data else f"kick fd {fd}: end of file"
+                if data:
+                    return True
+                reason = f"kick fd {fd}: end of file"
+                break
             if not i:
                 self._ones = n = (self._ones + 1) & (KICK_CHECK_EVERY - 1)
                 if n:
-                    return None
-        return (f"kick fd {fd} still readable after {KICK_READS_PER_WAKE} reads "
-                f"(a semaphore-mode eventfd, or not an eventfd)")
+                    return True
+        else:
+            reason = (f"kick fd {fd} still readable after {KICK_READS_PER_WAKE} reads "
+                      f"(a semaphore-mode eventfd, or not an eventfd)")
+        self.unwatch()
+        self._on_error(reason)
+        return False
 
     def _readable(self) -> None:
-        reason = self.drain()
-        if reason is None:
-            self._on_kick()
-        else:
-            self.unwatch()
-            self._on_error(reason)
+        """The reader callback: hand the kick to the queue with whether its
+        task sleeps; the queue consumes the fd (``consume``)."""
+        w = self._waiter
+        self._on_kick(w is not None and not w.done())
 
     # -------------------------------------------------------------- sleeping
 
@@ -326,7 +358,8 @@ class KickWaiter:
         if self._spun:
             group.spent += self._spun
             self._spun = 0
-        if group.served >= POLL_EPOCH and group.epoch_end():
+        if (group.served >= POLL_EPOCH or group.spent > group.doomed_at and group.doomed()) \
+                and group.epoch_end():
             self.poll_ns = 0
             return False
         window = self.poll_ns

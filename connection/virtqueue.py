@@ -53,6 +53,7 @@ import os
 import sys
 import threading
 from collections.abc import Callable
+from typing import NamedTuple
 
 from . import split_ring as ring
 from .errors import GuestMemoryError, ProtocolError
@@ -80,6 +81,13 @@ _EVENTFD_ONE = (1).to_bytes(8, "little")
 #: cheaper than indexing a cast view four times.
 _unpack_desc = DESC.unpack_from
 _fence_lock = threading.Lock()
+#: ``fence()``'s two halves, for the per-request paths to call inline: a
+#: Python-level call costs a frame, and a queue-depth-1 wake-up runs about
+#: twenty of them on cold caches (benchmarks/README.md, "The cold wake-up
+#: path").
+_fence_enter = _fence_lock.acquire
+_fence_exit = _fence_lock.release
+_write = os.write
 #: Stands in for GuestMemory's last region when no region is mapped.
 _NO_REGION = (1, 0, memoryview(b""), 0)
 #: What a stopped queue's views become: empty, so the guest's mappings are
@@ -92,8 +100,8 @@ _NO_U64 = memoryview(b"").cast("Q")
 def fence() -> None:
     """A full memory barrier: an uncontended lock acquire/release runs a
     locked read-modify-write instruction."""
-    _fence_lock.acquire()
-    _fence_lock.release()
+    _fence_enter()
+    _fence_exit()
 
 
 def _close(fd: int | None) -> None:
@@ -104,23 +112,26 @@ def _close(fd: int | None) -> None:
             pass
 
 
-class DescriptorChain:
+class DescriptorChain(NamedTuple):
     """One request: zero-copy views into guest memory, in chain order.
-    ``head`` is the id to give back to ``Virtqueue.add_used``."""
+    ``head`` is the id to give back to ``Virtqueue.add_used``.
 
-    __slots__ = ("head", "readable", "writable", "readable_len", "writable_len")
+    A named tuple, built in ``Virtqueue._walk`` with ``tuple.__new__``: one
+    per request, and a class with ``__init__`` costs a Python frame more
+    (benchmarks/README.md, "The cold wake-up path")."""
 
-    def __init__(self, head: int, readable: list[memoryview], writable: list[memoryview],
-                 readable_len: int, writable_len: int) -> None:
-        self.head = head
-        self.readable = readable
-        self.writable = writable
-        self.readable_len = readable_len
-        self.writable_len = writable_len
+    head: int
+    readable: list[memoryview]
+    writable: list[memoryview]
+    readable_len: int
+    writable_len: int
 
     def __repr__(self) -> str:
         return (f"DescriptorChain(head={self.head}, readable={len(self.readable)}/{self.readable_len}B, "
                 f"writable={len(self.writable)}/{self.writable_len}B)")
+
+
+_new_chain = tuple.__new__
 
 
 # ----------------------------------------------------------------------------
@@ -542,7 +553,7 @@ class Virtqueue:
                 break
         if rlen + wlen > 0xFFFFFFFF:
             return self._fail(f"head {head}: total length {rlen + wlen} overflows u32")
-        return DescriptorChain(head, readable, writable, rlen, wlen)
+        return _new_chain(DescriptorChain, (head, readable, writable, rlen, wlen))
 
     def _bad_descriptor(self, head: int, i: int, length: int, flags: int, in_table: bool) -> str:
         """Why a zero-length or INDIRECT descriptor is refused."""
@@ -614,7 +625,8 @@ class Virtqueue:
         if not notify or new == old:
             return
         self._signalled = new
-        fence()
+        _fence_enter()   # fence()
+        _fence_exit()
         avail = self._avail
         if self._event_idx:
             need = ((new - avail[self._used_event_i] - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
@@ -622,8 +634,11 @@ class Virtqueue:
             need = not avail[0] & AVAIL_F_NO_INTERRUPT
         if not need and self._notify_on_empty and not self._inuse and avail[1] == self._last_avail:
             need = True
-        if need:
-            self.notify()
+        if need and self._call_fd is not None:   # notify(), without its frame
+            try:
+                _write(self._call_fd, _EVENTFD_ONE)
+            except OSError:
+                pass
 
     def publish(self) -> None:
         """``flush(notify=False)``: make the completions visible, no notification yet."""
@@ -679,47 +694,57 @@ class Virtqueue:
         last = self._last_avail
         if avail[1] != last or self._kick.poll(avail, last):
             return True
-        self._arm_notify()
-        fence()
+        if self._event_idx:   # _arm_notify() and fence(), inline: once per wake-up
+            self._used_h[self._avail_event_i] = last
+        else:
+            self._used_h[0] = 0
+        _fence_enter()
+        _fence_exit()
         if avail[1] != last:
             self._suppress_notify()
             return True
         return False
 
-    def _on_kick(self) -> None:
-        """The kick fd fired (and was drained): serve inline when the task
-        sleeps with a hook, else wake the task."""
-        kick = self._kick
+    def _on_kick(self, sleeping: bool) -> None:
+        """The kick fd fired: serve inline when the task sleeps with a hook,
+        else empty the fd and wake the task."""
         hook = self.serve_hook
-        if hook is not None and self._ready and kick.sleeping and not self._resubmit:
+        if hook is not None and sleeping and self._ready and not self._resubmit:
             self._serve_inline(hook)
-        else:
-            kick.wake(kicked=True)
+        elif self._kick.consume():
+            self._kick.wake(kicked=True)
 
     def _serve_inline(self, hook: Callable[[], None]) -> None:
         """A kick while the serving task sleeps: drain the ring here (the
         task's ``serve_hook``), then poll / re-arm as ``wait_kick`` would,
         and return to the loop with the task still asleep.  An exception
         breaks this queue only (as the device's task guard does); breaking
-        or stopping wakes the task, which then ends."""
+        or stopping wakes the task, which then ends.
+
+        The ring is served first and the bookkeeping of the wake-up (the
+        kick fd's read, the poll window's adaptation) follows it, so that
+        the driver's notification is not behind them: at queue depth 1 in a
+        guest this path is the device's whole share of every round trip,
+        run on cold caches (benchmarks/README.md, "The cold wake-up path")."""
         kick = self._kick
         self._parked.pop(kick, None)
-        kick.slept()
         kick.kicked = False
-        self._suppress_notify()
+        if not self._event_idx:
+            self._suppress_notify()
         try:
-            while True:
-                hook()
-                if not self._ready or self.serve_hook is not hook:
-                    kick.wake(kicked=True)  # broken (already woken) or hook withdrawn
-                    return
+            hook()
+            if not kick.consume():
+                return          # the fd broke the queue (its task is woken)
+            kick.slept()
+            while self._ready and self.serve_hook is hook:
                 if not self._work_before_sleep():
-                    break
+                    self._parked[kick] = self   # asleep, kicks armed: another queue's poll may serve it
+                    return
+                hook()
+            kick.wake(kicked=True)  # broken (already woken) or hook withdrawn
         except Exception as exc:  # noqa: BLE001 - nothing the guest does may escape
             log.error("%squeue %d serving failed: %r; queue marked broken", self._prefix(), self.index, exc)
             self.mark_broken(f"device error: {exc!r}")
-            return
-        self._parked[kick] = self   # asleep, kicks armed: another queue's poll may serve it
 
     # Parked: asleep with kicks armed, watched by another queue's poll
     # (connection.kick.PollGroup), which calls these three.

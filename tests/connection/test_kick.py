@@ -24,7 +24,7 @@ OVER = 2 * POLL_EPOCH * POLL_SPIN_BUDGET_NS
 def _waiter() -> tuple[KickWaiter, memoryview]:
     loop = asyncio.new_event_loop()
     loop.close()   # poll/slept never touch the loop
-    k = KickWaiter(loop, None, lambda: None, lambda reason: None)
+    k = KickWaiter(loop, None, lambda sleeping: None, lambda reason: None)
     avail = memoryview(bytearray(8)).cast("H")   # [0] flags, [1] idx
     return k, avail
 
@@ -143,3 +143,49 @@ def test_no_window_no_charge() -> None:
     assert k.poll(avail, 3 * POLL_EPOCH) is False
     k.slept()
     assert k.poll_ns == POLL_START_NS
+
+
+def test_a_polling_epoch_that_cannot_win_ends_at_once() -> None:
+    """Sleeping measured cheap; one window that spins (and burns) more than
+    a whole sleeping epoch costs: the next poll ends the epoch as lost after
+    one request, instead of spinning on to ``POLL_EPOCH`` requests."""
+    k, avail = _waiter()
+    k.poll_max_ns = 0
+    last = 0
+    k.poll(avail, last)                        # the first poll sets the reference index
+    for _ in range(POLL_EPOCH):                # a cheap sleeping epoch (no work at all)
+        last += 1
+        avail[1] = last
+        k.poll(avail, last)
+    sleep = k.group.sleep_cpu_ns
+    assert sleep is not None
+    window = 2 * POLL_EPOCH * max(sleep, 1_000)   # twice a whole sleeping epoch
+    _fail_window(k, avail, last, window)
+    last += 1                                  # one request served, then the next poll
+    avail[1] = last
+    assert k.poll(avail, last) is False
+    assert k.poll_ns == 0, "the doomed epoch did not end"
+    assert k.group.poll_cpu_ns is not None and k.group.served == 0
+    assert k.group.backoff == POLL_BACKOFF_MIN
+
+
+def test_an_epoch_that_can_still_win_goes_on() -> None:
+    """Spin below a whole sleeping epoch's cost: the epoch goes on, even
+    when its spin per request so far is above what sleeping costs."""
+    k, avail = _waiter()
+    k.poll_max_ns = 0
+    last = 0
+    k.poll(avail, last)
+    for _ in range(POLL_EPOCH):                # a sleeping epoch at >= 1 ms per request
+        _burn(0.001)
+        last += 1
+        avail[1] = last
+        k.poll(avail, last)
+    sleep = k.group.sleep_cpu_ns
+    assert sleep is not None and sleep >= 1_000_000
+    _fail_window(k, avail, last, 4 * sleep)    # 4x sleeping's cost, for one request
+    last += 1
+    avail[1] = last
+    k.poll(avail, last)
+    assert k.poll_ns == 4 * sleep, "an epoch that could still win was ended"
+    assert k.group.served == 1 and k.group.backoff == 0

@@ -1033,6 +1033,66 @@ def test_a_request_between_window_and_rearm_is_served(setup):
     setup.run(scenario())
 
 
+class _DriverRaces(Virtqueue):
+    """A queue whose driver adds a request and kicks right after the
+    queue's last look at the ring before sleeping (kicks re-armed, fenced,
+    ring re-checked empty)."""
+
+    __slots__ = ()
+    race = None
+
+    def _work_before_sleep(self) -> bool:
+        work = super()._work_before_sleep()
+        race, type(self).race = type(self).race, None
+        if not work and race is not None:
+            race()
+        return work
+
+
+@pytest.mark.parametrize("when", ["during the serve", "after the re-check"])
+def test_a_kick_that_races_an_inline_serve_is_not_lost(setup, when):
+    """The kick fd is read after the ring is served (the driver's
+    notification comes first) but before kicks are re-armed.  A driver that
+    adds a request and kicks while the serve hook runs is served by the
+    re-check that follows the re-arm (its kick was consumed); one that does
+    so after that re-check is served on its kick, which must still be
+    unread."""
+    q, ring = setup.queue(features=EVENT_IDX)
+    bufs = [setup.guest.alloc(64) for _ in range(2)]
+    hook, served = _pop_all(q)
+
+    def race():
+        ring.chain([(bufs[1], 64, True)])
+        os.eventfd_write(setup.kick[0], 1)
+
+    def hook_with_a_racing_driver():
+        hook()
+        if when == "during the serve" and len(served) == 1:
+            race()
+
+    q.serve_hook = hook_with_a_racing_driver
+
+    async def scenario():
+        assert await q.wait_kick() is True      # the first wait returns at once
+        sleeper = asyncio.ensure_future(q.wait_kick())
+        await asyncio.sleep(0)                  # asleep, kicks armed, parked
+        q.__class__ = _DriverRaces
+        _DriverRaces.race = race if when == "after the re-check" else None
+        ring.chain([(bufs[0], 64, True)])
+        os.eventfd_write(setup.kick[0], 1)
+        deadline = time.monotonic() + 5
+        while len(served) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        assert len(served) == 2, f"the request added {when} was not served"
+        assert eventfd_count(setup.kick[0]) == 0
+        assert ring.avail_event == q.last_avail_idx == 2, "not re-armed at the next index"
+        assert not sleeper.done(), "served inline: the task stays asleep"
+        q.mark_broken("test end")
+        assert await asyncio.wait_for(sleeper, 1) is False
+
+    setup.run(scenario())
+
+
 def test_stopped_queue_is_not_watched(setup):
     """A stopped queue leaves the group: nothing reads its ring afterwards."""
     q0, _ = setup.queue(features=EVENT_IDX)
