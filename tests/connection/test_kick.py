@@ -51,6 +51,23 @@ def _burn(seconds: float) -> None:
         pass
 
 
+def _sleeping_epoch(k: KickWaiter, avail: memoryview, burn: float = 0.0) -> int:
+    """One request per wake-up for a whole epoch, each costing ``burn``
+    seconds of CPU: the group measures what sleeping costs.  Returns the
+    avail index reached."""
+    k.poll_max_ns = 0
+    last = 0
+    k.poll(avail, last)                        # the first poll sets the reference index
+    for _ in range(POLL_EPOCH):
+        if burn:
+            _burn(burn)
+        last += 1
+        avail[1] = last
+        k.poll(avail, last)
+    assert k.group.sleep_cpu_ns is not None
+    return last
+
+
 def test_losing_epoch_turns_polling_off_for_a_backoff() -> None:
     """No sleeping epoch measured yet: the spin budget decides."""
     k, avail = _waiter()
@@ -84,15 +101,8 @@ def test_polling_that_costs_less_than_measured_sleeping_stays_on() -> None:
     polling epoch that spins 40 us per request keeps polling, although that
     is over the fallback budget."""
     k, avail = _waiter()
-    k.poll_max_ns = 0
-    last = 0
-    k.poll(avail, last)                        # the first poll sets the reference index
-    for _ in range(POLL_EPOCH):                # a sleeping epoch: one request per wake-up
-        _burn(0.001)
-        last += 1
-        avail[1] = last
-        k.poll(avail, last)
-    assert k.group.sleep_cpu_ns is not None and k.group.sleep_cpu_ns >= 1_000_000
+    last = _sleeping_epoch(k, avail, burn=0.001)
+    assert k.group.sleep_cpu_ns >= 1_000_000
     _fail_window(k, avail, last, OVER)         # 2.56 ms over the next 64 requests: 40 us each
     _epoch_served(k, avail, last)
     assert k.group.poll_cpu_ns is not None and k.group.poll_cpu_ns < k.group.sleep_cpu_ns
@@ -101,14 +111,7 @@ def test_polling_that_costs_less_than_measured_sleeping_stays_on() -> None:
 
 def test_polling_that_costs_more_than_measured_sleeping_backs_off() -> None:
     k, avail = _waiter()
-    k.poll_max_ns = 0
-    last = 0
-    k.poll(avail, last)                        # the first poll sets the reference index
-    for _ in range(POLL_EPOCH):                # a cheap sleeping epoch (no work at all)
-        last += 1
-        avail[1] = last
-        k.poll(avail, last)
-    assert k.group.sleep_cpu_ns is not None
+    last = _sleeping_epoch(k, avail)           # cheap: no work at all
     window = 8 * POLL_EPOCH * max(k.group.sleep_cpu_ns, 1_000)   # 8x what sleeping cost per request
     _fail_window(k, avail, last, window)
     _epoch_served(k, avail, last)
@@ -150,15 +153,8 @@ def test_a_polling_epoch_that_cannot_win_ends_at_once() -> None:
     a whole sleeping epoch costs: the next poll ends the epoch as lost after
     one request, instead of spinning on to ``POLL_EPOCH`` requests."""
     k, avail = _waiter()
-    k.poll_max_ns = 0
-    last = 0
-    k.poll(avail, last)                        # the first poll sets the reference index
-    for _ in range(POLL_EPOCH):                # a cheap sleeping epoch (no work at all)
-        last += 1
-        avail[1] = last
-        k.poll(avail, last)
+    last = _sleeping_epoch(k, avail)           # cheap: no work at all
     sleep = k.group.sleep_cpu_ns
-    assert sleep is not None
     window = 2 * POLL_EPOCH * max(sleep, 1_000)   # twice a whole sleeping epoch
     _fail_window(k, avail, last, window)
     last += 1                                  # one request served, then the next poll
@@ -173,16 +169,9 @@ def test_an_epoch_that_can_still_win_goes_on() -> None:
     """Spin below a whole sleeping epoch's cost: the epoch goes on, even
     when its spin per request so far is above what sleeping costs."""
     k, avail = _waiter()
-    k.poll_max_ns = 0
-    last = 0
-    k.poll(avail, last)
-    for _ in range(POLL_EPOCH):                # a sleeping epoch at >= 1 ms per request
-        _burn(0.001)
-        last += 1
-        avail[1] = last
-        k.poll(avail, last)
+    last = _sleeping_epoch(k, avail, burn=0.001)
     sleep = k.group.sleep_cpu_ns
-    assert sleep is not None and sleep >= 1_000_000
+    assert sleep >= 1_000_000
     _fail_window(k, avail, last, 4 * sleep)    # 4x sleeping's cost, for one request
     last += 1
     avail[1] = last
