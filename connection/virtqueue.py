@@ -649,7 +649,7 @@ class Virtqueue:
         fd = self._call_fd
         if fd is not None:
             try:
-                os.write(fd, _EVENTFD_ONE)
+                _write(fd, _EVENTFD_ONE)
             except OSError:
                 pass
 
