@@ -58,7 +58,7 @@ from typing import NamedTuple
 from . import split_ring as ring
 from .errors import GuestMemoryError, ProtocolError
 from .inflight import InflightQueue
-from .kick import POLL_MAX_NS, KickWaiter
+from .kick import COALESCE_AHEAD_MAX, POLL_MAX_NS, KickWaiter
 from .memory import GuestMemory
 from .protocol import VirtioFeature, VringAddr
 from .split_ring import (AVAIL_F_NO_INTERRUPT, DESC, DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE,
@@ -320,7 +320,8 @@ class Virtqueue:
         self._err_fd = config.err_fd
         self._mem = mem
         self._inflight = config.inflight
-        self._kick = KickWaiter(config.loop, config.kick_fd, self._on_kick, self._kick_failed)
+        self._kick = KickWaiter(config.loop, config.kick_fd, self._on_kick, self._kick_failed,
+                                lambda: self.waiting)
         self._event_idx = bool(features & VirtioFeature.RING_EVENT_IDX)
         self._indirect_ok = bool(features & VirtioFeature.RING_INDIRECT_DESC)
         self._notify_on_empty = bool(features & VirtioFeature.NOTIFY_ON_EMPTY)
@@ -692,10 +693,15 @@ class Virtqueue:
         re-armed, fenced and the ring re-checked empty."""
         avail = self._avail
         last = self._last_avail
-        if avail[1] != last or self._kick.poll(avail, last):
+        kick = self._kick
+        if avail[1] != last or kick.poll(avail, last):
             return True
+        ahead = 0
         if self._event_idx:   # _arm_notify() and fence(), inline: once per wake-up
-            self._used_h[self._avail_event_i] = last
+            ahead = kick.ahead
+            if ahead and (kick.poll_ns or kick.fd is None):   # polling, or NOFD: no kicks to coalesce
+                ahead = 0
+            self._used_h[self._avail_event_i] = (last + ahead) & 0xFFFF
         else:
             self._used_h[0] = 0
         _fence_enter()
@@ -703,6 +709,8 @@ class Virtqueue:
         if avail[1] != last:
             self._suppress_notify()
             return True
+        if ahead:
+            kick.wait_ahead(self._kicks_late)
         return False
 
     def _on_kick(self, sleeping: bool) -> None:
@@ -745,6 +753,13 @@ class Virtqueue:
         except Exception as exc:  # noqa: BLE001 - nothing the guest does may escape
             log.error("%squeue %d serving failed: %r; queue marked broken", self._prefix(), self.index, exc)
             self.mark_broken(f"device error: {exc!r}")
+
+    def _kicks_late(self) -> None:
+        """A coalesced sleep's timer ran out before its kick: serve what
+        came (as a kick would), and coalesce less (``KickWaiter.missed``)."""
+        kick = self._kick
+        kick.missed(self.waiting if self._ready else 0)
+        self._on_kick(kick.sleeping)
 
     # Parked: asleep with kicks armed, watched by another queue's poll
     # (connection.kick.PollGroup), which calls these three.
@@ -826,6 +841,17 @@ class Virtqueue:
     @poll_max_ns.setter
     def poll_max_ns(self, value: int) -> None:
         self._kick.poll_max_ns = value
+
+    @property
+    def coalesce_kicks(self) -> bool:
+        """Kick coalescing allowed (``connection.kick``): for request queues
+        whose requests do not wait for each other; needs EVENT_IDX, and a
+        ring of at least 2 entries."""
+        return self._kick.coalescing
+
+    @coalesce_kicks.setter
+    def coalesce_kicks(self, value: bool) -> None:
+        self._kick.allow_coalescing(bool(value) and self._event_idx, min(COALESCE_AHEAD_MAX, self.size - 1))
 
     @property
     def poll_ns(self) -> int:

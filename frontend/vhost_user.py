@@ -410,6 +410,12 @@ class DriverQueue:
             self._free.extend(chain)
 
     # ---- notifications
+    @property
+    def avail_event(self) -> int:
+        """The back-end's ``avail_event`` (EVENT_IDX): a kick is due once the
+        avail idx passes it."""
+        return self._used_h[2 + 4 * self.size]
+
     def kick(self, force: bool = False) -> bool:
         """Notify the back-end of everything published since the last kick,
         unless it asked not to be; returns whether the eventfd was written."""
@@ -422,7 +428,7 @@ class DriverQueue:
             pass
         if not force:
             if self.event_idx:
-                if not vring_need_event(self._used_h[2 + 4 * self.size], new, old):
+                if not vring_need_event(self.avail_event, new, old):
                     return False
             elif self._used_h[0] & USED_F_NO_NOTIFY:
                 return False
