@@ -46,7 +46,8 @@ its number here.  What it does own is everything about *waiting*:
   wake-up serves several requests, and the driver makes one kick and gets
   one interrupt per several requests.  A timer (``COALESCE_WAIT_S``) serves
   whatever came if that kick does not; ``ahead`` doubles (+1) while the kick
-  comes first and shrinks to what came when the timer runs out.  A driver
+  comes first and shrinks to what came when the timer runs out
+  (``KickWaiter.hit``, ``missed``: burst tails, early kicks).  A driver
   that waits for each completion before its next request (queue depth 1)
   cannot kick a second time: at the first timer with one request waiting,
   coalescing stops and is probed again only after a back-off
@@ -270,7 +271,7 @@ class KickWaiter:
         #: Kick coalescing: allowed for this queue (``allow_coalescing``);
         #: requests past the next the kick may wait for now (0: a kick per
         #: request); the timer of a coalesced sleep; kicks until the next
-        #: probe (0: not counting), counted by the queue's kick handler.
+        #: probe (0: not counting), counted down in ``_readable``.
         self.coalescing = False
         self.ahead = 0
         self.ahead_max = COALESCE_AHEAD_MAX
