@@ -245,7 +245,7 @@ class KickWaiter:
     __slots__ = ("loop", "fd", "group", "poll_ns", "poll_max_ns", "kicked", "_waiter", "_reader_fd", "_idle_t0",
                  "_on_kick", "_on_error", "_spun", "_poll_last", "_ones",
                  "coalescing", "ahead", "ahead_max", "timer", "probe_in", "_probe_off", "_hits", "_grow_after",
-                 "_ahead_before", "_early", "_waiting")
+                 "_ahead_before", "_early", "_paused", "_waiting")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, fd: int | None,
                  on_kick: Callable[[bool], None], on_error: Callable[[str], None],
@@ -282,6 +282,7 @@ class KickWaiter:
         self._grow_after = 1     # coalesced kicks before ``ahead`` grows
         self._ahead_before = 0   # ``ahead`` before its last growth (0: it has not grown since a timer)
         self._early = 0          # kicks in a row that came before the driver reached avail_event
+        self._paused = 0         # timers that found nothing, since the last coalesced kick
         #: Requests on the ring not yet taken (the queue's), read when a
         #: coalesced kick comes; None: every such kick counts as on time.
         self._waiting = waiting
@@ -512,6 +513,7 @@ class KickWaiter:
         self._grow_after = 1
         self._ahead_before = 0
         self._early = 0
+        self._paused = 0
         self.probe_in = COALESCE_PROBE_MIN if self.coalescing else 0
 
     def wait_ahead(self, expired: Callable[[], None]) -> None:
@@ -539,6 +541,7 @@ class KickWaiter:
                 self._stop()
             return
         self._early = 0
+        self._paused = 0
         self._hits += 1
         if self._hits >= self._grow_after and self.ahead < self.ahead_max:
             self._hits = 0
@@ -568,13 +571,21 @@ class KickWaiter:
         probe again after a back-off that grows while this lasts.  With none
         waiting, the driver paused: kicks are armed for its next request,
         whose kick probes again (an idle queue keeps no timer: nothing
-        counts down without kicks)."""
+        counts down without kicks); the second such timer without a
+        coalesced kick in between is a driver whose requests come one at a
+        time and far apart, each of which would otherwise cost a timer's
+        wake-up: that stops coalescing as a failed probe does."""
         self.timer = None
         self._hits = 0
         before, self._ahead_before = self._ahead_before, 0
         if not waiting:
-            self.ahead = 0
-            self.probe_in = 1
+            self._paused += 1
+            if self._paused >= 2:
+                self._paused = 0
+                self._stop()
+            else:
+                self.ahead = 0
+                self.probe_in = 1
             return
         ahead = max(min(self.ahead, waiting - 1), before)
         if ahead:

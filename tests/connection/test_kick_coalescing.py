@@ -142,8 +142,8 @@ def test_the_timer_shrinks_the_wait_to_what_came(setup):
 def test_an_idle_queue_keeps_no_timer(setup):
     """A device with no I/O must use no CPU: a coalesced sleep whose driver
     pauses ends with kicks armed for the next request and no timer; that
-    request's kick probes coalescing again, and if the driver pauses again
-    the queue is back to no timer."""
+    request's kick probes coalescing again, and when the driver pauses again
+    the queue is back to no timer, and stops probing for a back-off."""
     q, ring, served, calls = _coalescing_queue(setup)
     bufs = [setup.guest.alloc(64) for _ in range(2)]
     q._kick.ahead = 1
@@ -151,7 +151,7 @@ def test_an_idle_queue_keeps_no_timer(setup):
     async def scenario():
         sleeper = await _asleep(q)
         for n in range(2):
-            assert q._kick.timer is not None
+            assert q._kick.timer is not None and q._kick.ahead == 1
             await asyncio.sleep(20 * COALESCE_WAIT_S)
             assert q._kick.timer is None and q._kick.ahead == 0
             assert ring.avail_event == q.last_avail_idx, "kicks armed for the next request"
@@ -160,7 +160,11 @@ def test_an_idle_queue_keeps_no_timer(setup):
             assert q._kick.timer is None, "no timer while idle"
             assert _driver_adds(setup, ring, bufs[n]) is True
             assert await _until(lambda: len(served) == n + 1)
-            assert q._kick.ahead == 1, "the kick after a pause probes again"
+            if n == 0:
+                assert q._kick.ahead == 1, "the kick after a pause probes again"
+                continue
+            assert q._kick.ahead == 0, "a second pause without a coalesced kick stops coalescing"
+            assert q._kick.probe_in == COALESCE_PROBE_MIN - 1
         q.mark_broken("test end")
         assert await asyncio.wait_for(sleeper, 1) is False
         assert q._kick.timer is None
@@ -296,3 +300,32 @@ def test_a_driver_that_kicks_every_request_is_not_coalesced(setup):
         assert await asyncio.wait_for(sleeper, 1) is False
 
     setup.run(scenario())
+
+
+def test_requests_one_at_a_time_and_far_apart_stop_coalescing():
+    """A pause (a timer that finds nothing) re-probes at the next kick; a
+    second one without a coalesced kick in between is a driver that sends
+    one request at a time with long gaps: each probe would cost it a
+    timer's wake-up, so coalescing stops and backs off."""
+    loop = asyncio.new_event_loop()
+    try:
+        k = KickWaiter(loop, None, lambda sleeping: None, lambda reason: None)
+        k.allow_coalescing(True, COALESCE_AHEAD_MAX)
+        k.ahead = 1
+        k.timer = loop.call_later(1, lambda: None)
+        k.missed(0)                   # paused
+        assert k.ahead == 0 and k.probe_in == 1
+        k._readable()                 # its next request's kick probes again
+        assert k.ahead == 1
+        k.timer = loop.call_later(1, lambda: None)
+        k.missed(0)                   # paused again, no coalesced kick in between
+        assert k.ahead == 0 and k.probe_in == COALESCE_PROBE_MIN
+        k.probe_in = 1
+        k._readable()
+        k.timer = loop.call_later(1, lambda: None)
+        k.hit(2)                      # a burst: coalescing works again
+        k.timer = loop.call_later(1, lambda: None)
+        k.missed(0)                   # a pause after it is a pause
+        assert k.probe_in == 1
+    finally:
+        loop.close()
