@@ -240,7 +240,8 @@ class KickWaiter:
     serving task is asleep in ``sleep``); it must call ``consume()`` before
     it next re-arms kicks.  ``on_error(reason)`` runs from ``consume`` when
     the fd cannot be emptied (the reader is then already removed, so a
-    broken fd cannot spin the loop)."""
+    broken fd cannot spin the loop).  ``waiting()`` (optional) counts the
+    requests on the ring, for kick coalescing (``hit``)."""
 
     __slots__ = ("loop", "fd", "group", "poll_ns", "poll_max_ns", "kicked", "_waiter", "_reader_fd", "_idle_t0",
                  "_on_kick", "_on_error", "_spun", "_poll_last", "_ones",
