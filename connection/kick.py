@@ -269,24 +269,14 @@ class KickWaiter:
         self._ones = 0           # reads of exactly 1 since the last full drain (modulo KICK_CHECK_EVERY)
         self._on_kick = on_kick
         self._on_error = on_error
-        #: Kick coalescing: allowed for this queue (``allow_coalescing``);
-        #: requests past the next the kick may wait for now (0: a kick per
-        #: request); the timer of a coalesced sleep; kicks until the next
-        #: probe (0: not counting), counted down in ``_readable``.
-        self.coalescing = False
-        self.ahead = 0
-        self.ahead_max = COALESCE_AHEAD_MAX
+        #: Kick coalescing: the timer of a coalesced sleep; the length of the
+        #: last probe back-off; the rest is set by ``allow_coalescing``.
         self.timer: asyncio.TimerHandle | None = None
-        self.probe_in = 0
-        self._probe_off = 0      # length of the last back-off
-        self._hits = 0           # coalesced kicks since ``ahead`` last changed
-        self._grow_after = 1     # coalesced kicks before ``ahead`` grows
-        self._ahead_before = 0   # ``ahead`` before its last growth (0: it has not grown since a timer)
-        self._early = 0          # kicks in a row that came before the driver reached avail_event
-        self._paused = 0         # timers that found nothing, since the last coalesced kick
+        self._probe_off = 0
         #: Requests on the ring not yet taken (the queue's), read when a
         #: coalesced kick comes; None: every such kick counts as on time.
         self._waiting = waiting
+        self.allow_coalescing(False, COALESCE_AHEAD_MAX)
 
     # ------------------------------------------------------------------ fd
 
@@ -298,9 +288,7 @@ class KickWaiter:
 
     def unwatch(self) -> None:
         self.group.parked.pop(self, None)
-        timer, self.timer = self.timer, None
-        if timer is not None:
-            timer.cancel()
+        self._cancel_timer()
         fd = self._reader_fd
         if fd is not None:
             self._reader_fd = None
@@ -509,13 +497,15 @@ class KickWaiter:
         ``COALESCE_PROBE_MIN`` kicks."""
         self.coalescing = allowed and ahead_max > 0
         self.ahead_max = ahead_max
+        #: Requests past the next the kick may wait for now (0: a kick per request).
         self.ahead = 0
-        self._hits = 0
-        self._grow_after = 1
-        self._ahead_before = 0
-        self._early = 0
-        self._paused = 0
+        #: Kicks until the next probe (0: not counting), counted down in ``_readable``.
         self.probe_in = COALESCE_PROBE_MIN if self.coalescing else 0
+        self._hits = 0           # coalesced kicks since ``ahead`` last changed
+        self._grow_after = 1     # coalesced kicks before ``ahead`` grows
+        self._ahead_before = 0   # ``ahead`` before its last growth (0: it has not grown since a timer)
+        self._early = 0          # kicks in a row that came before the driver reached avail_event
+        self._paused = 0         # timers that found nothing, since the last coalesced kick
 
     def wait_ahead(self, expired: Callable[[], None]) -> None:
         """Going to sleep with kicks ``ahead`` requests late: ``expired``
@@ -533,9 +523,7 @@ class KickWaiter:
         ``avail_event`` says; ``COALESCE_EARLY_MAX`` of those in a row stop
         coalescing as a failed probe does (it saves such a driver nothing,
         and the timer costs each sleep)."""
-        timer, self.timer = self.timer, None
-        if timer is not None:
-            timer.cancel()
+        self._cancel_timer()
         if waiting <= self.ahead:
             self._early += 1
             if self._early >= COALESCE_EARLY_MAX:
@@ -549,6 +537,11 @@ class KickWaiter:
             self._ahead_before = self.ahead
             self.ahead = min(self.ahead_max, self.ahead * 2 + 1)
             self._probe_off = 0
+
+    def _cancel_timer(self) -> None:
+        timer, self.timer = self.timer, None
+        if timer is not None:
+            timer.cancel()
 
     def _stop(self) -> None:
         """Coalescing failed: a kick per request, and a probe again after a
